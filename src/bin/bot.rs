@@ -1,0 +1,147 @@
+//! The `bot` binary. `bot route` decides, for each message given as an
+//! argument or read line by line from stdin, between an image call and chat.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use router::cli::{init_tracing, ModelArgs};
+use router::router::{Route, RouterConfig};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bot",
+    version,
+    about = "Discord bot with a built-in LLM router"
+)]
+struct Cli {
+    #[command(flatten)]
+    model: ModelArgs,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Route messages: one JSON object per message on stdout.
+    Route {
+        /// JSON lines even on a terminal (the default when piped).
+        #[arg(long)]
+        json: bool,
+        /// Generate whole chat replies instead of stopping once the route is known.
+        #[arg(long)]
+        full: bool,
+        /// Messages decided together in one batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// Upper bound on generated tokens per message.
+        #[arg(long, default_value_t = 96)]
+        max_new_tokens: usize,
+        /// Messages; read from stdin (one per line) when none are given.
+        text: Vec<String>,
+    },
+}
+
+/// One line of `bot route` output.
+#[derive(serde::Serialize)]
+struct RouteLine<'a> {
+    text: &'a str,
+    route: Route,
+    prompt: Option<&'a str>,
+    output: &'a str,
+    ms: f64,
+}
+
+fn main() -> ExitCode {
+    let _ = dotenvy::dotenv();
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Route {
+            json,
+            full,
+            batch,
+            max_new_tokens,
+            text,
+        } => {
+            let config = RouterConfig {
+                max_new_tokens,
+                stop_at_chat: !full,
+                max_batch: batch.max(1),
+                ..RouterConfig::default()
+            };
+            let mut router = cli
+                .model
+                .load_router(config)
+                .context("loading the router")?;
+            let stdout = std::io::stdout();
+            let json = json || !stdout.is_terminal();
+            let mut out = stdout.lock();
+            let mut emit = |texts: &[String]| -> anyhow::Result<()> {
+                let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                let started = Instant::now();
+                let decisions = router.route_batch(&refs)?;
+                let ms = started.elapsed().as_secs_f64() * 1e3;
+                for (t, d) in texts.iter().zip(&decisions) {
+                    if json {
+                        let line = RouteLine {
+                            text: t,
+                            route: d.route,
+                            prompt: d.prompt.as_deref(),
+                            output: &d.output,
+                            ms: (ms * 10.0).round() / 10.0,
+                        };
+                        writeln!(out, "{}", serde_json::to_string(&line)?)?;
+                    } else {
+                        match &d.prompt {
+                            Some(p) => writeln!(out, "image  {t}\n       prompt: {p}")?,
+                            None => {
+                                writeln!(out, "chat   {t}\n       output: {}", d.output.trim())?
+                            }
+                        }
+                    }
+                }
+                out.flush()?;
+                Ok(())
+            };
+            if !text.is_empty() {
+                for chunk in text.chunks(batch.max(1)) {
+                    emit(chunk)?;
+                }
+            } else {
+                // Lines are routed as they come when interactive, batched when piped.
+                let stdin = std::io::stdin();
+                let interactive = stdin.is_terminal();
+                let mut pending = Vec::new();
+                for line in stdin.lock().lines() {
+                    let line = line.context("reading stdin")?;
+                    if line.trim().is_empty() {
+                        continue;
+                    }
+                    pending.push(line);
+                    if interactive || pending.len() >= batch.max(1) {
+                        emit(&pending)?;
+                        pending.clear();
+                    }
+                }
+                if !pending.is_empty() {
+                    emit(&pending)?;
+                }
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,50 @@
+//! Device selection: `cpu`, `cuda`, `cuda:N`, or automatic (CUDA when this
+//! build has it and a GPU answers, else CPU).
+
+use candle_core::Device;
+
+use crate::{Error, Result};
+
+/// Parses a device spec; `None` or `"auto"` picks automatically.
+pub fn select(spec: Option<&str>) -> Result<Device> {
+    let spec = spec
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .unwrap_or("auto");
+    let err = |message: String| Error::Device {
+        requested: spec.to_string(),
+        message,
+    };
+    match spec {
+        "auto" => Ok(if candle_core::utils::cuda_is_available() {
+            Device::new_cuda(0).unwrap_or(Device::Cpu)
+        } else {
+            Device::Cpu
+        }),
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            if !candle_core::utils::cuda_is_available() {
+                return Err(err(
+                    "this binary was built without CUDA; rebuild with `--features cuda`".into(),
+                ));
+            }
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .map_err(|_| err(format!("`{n}` is not a GPU number")))?,
+                None => 0,
+            };
+            Device::new_cuda(ordinal).map_err(|e| err(e.to_string()))
+        }
+        other => Err(err(format!("expected cpu, cuda or cuda:N, got `{other}`"))),
+    }
+}
+
+/// Short human description (`cpu`, `cuda:0`).
+pub fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

@@ -1,0 +1,315 @@
+//! Base models: configuration, the shared decoder, and loading from a GGUF
+//! file, a Hugging Face directory (safetensors) or a hub id.
+
+pub mod config;
+mod gemma3;
+pub mod gguf;
+mod llama;
+pub mod transformer;
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+
+pub use config::{Architecture, ModelConfig, RopeScaling};
+pub use transformer::{Batch, Cache, Decoder, Mode};
+
+use crate::prompt::PromptFormat;
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+
+/// A base model ready to use: weights, tokenizer and prompt format.
+pub struct BaseModel {
+    pub decoder: Decoder,
+    pub format: PromptFormat,
+    /// Where it came from (path or hub id), recorded in adapters we save.
+    pub source: String,
+}
+
+/// The compute dtype for a device: bf16 on CUDA, f32 on CPU.
+pub fn compute_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// Builds the decoder for `cfg` from Hugging Face-named weights.
+pub fn build_decoder(cfg: &ModelConfig, vb: VarBuilder) -> Result<Decoder> {
+    let decoder = match cfg.architecture {
+        Architecture::Gemma3 => gemma3::build(cfg, vb),
+        Architecture::Llama => llama::build(cfg, vb),
+    };
+    Ok(decoder?)
+}
+
+/// Loads a base model from a `.gguf` file, a directory holding
+/// `config.json` + safetensors + `tokenizer.json` (or a single `.gguf`), or a
+/// Hugging Face hub id (downloaded once into the hub cache; offline use
+/// works from the cache).
+pub fn load(spec: &str, device: &Device) -> Result<BaseModel> {
+    let path = Path::new(spec);
+    if path.is_file() {
+        return load_gguf(path, device);
+    }
+    if path.is_dir() {
+        if path.join("config.json").exists() {
+            return load_hf_dir(path, device);
+        }
+        let ggufs: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "gguf"))
+            .collect();
+        return match ggufs.as_slice() {
+            [one] => load_gguf(one, device),
+            [] => Err(Error::InvalidModel {
+                path: path.to_path_buf(),
+                message: "directory has neither config.json nor a .gguf file".into(),
+            }),
+            _ => Err(Error::InvalidModel {
+                path: path.to_path_buf(),
+                message: "directory holds several .gguf files; name one".into(),
+            }),
+        };
+    }
+    let looks_like_hub_id =
+        spec.split('/').count() == 2 && !spec.starts_with('.') && !spec.ends_with(".gguf");
+    if looks_like_hub_id {
+        return load_hub(spec, device);
+    }
+    Err(Error::NotFound {
+        what: "base model",
+        path: path.to_path_buf(),
+    })
+}
+
+/// Loads a GGUF file: config and tokenizer from metadata, weights dequantized.
+pub fn load_gguf(path: &Path, device: &Device) -> Result<BaseModel> {
+    let file = gguf::GgufFile::open(path)?;
+    let cfg = file.config()?;
+    let tokenizer = Tokenizer::from_gguf(&file.content)?;
+    let format = PromptFormat::new(tokenizer)?;
+    let backend: Box<dyn SimpleBackend> = Box::new(file);
+    let vb = VarBuilder::from_backend(backend, compute_dtype(device), device.clone());
+    let decoder = build_decoder(&cfg, vb).map_err(|e| Error::InvalidModel {
+        path: path.to_path_buf(),
+        message: e.to_string(),
+    })?;
+    Ok(BaseModel {
+        decoder,
+        format,
+        source: path.display().to_string(),
+    })
+}
+
+/// Loads a Hugging Face directory: `config.json`, `model.safetensors` or a
+/// sharded `model.safetensors.index.json`, and `tokenizer.json`.
+pub fn load_hf_dir(dir: &Path, device: &Device) -> Result<BaseModel> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+    let cfg = ModelConfig::from_hf_json(&cfg_path, &text)?;
+    let files = safetensors_files(dir)?;
+    let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+    let format = PromptFormat::new(tokenizer)?;
+    let decoder = decoder_from_safetensors(&cfg, &files, device).map_err(|e| match e {
+        Error::Candle(c) => Error::InvalidModel {
+            path: dir.to_path_buf(),
+            message: c.to_string(),
+        },
+        other => other,
+    })?;
+    Ok(BaseModel {
+        decoder,
+        format,
+        source: dir.display().to_string(),
+    })
+}
+
+/// Builds a decoder from safetensors files in Hugging Face naming. Handles
+/// multimodal checkpoints whose text model sits under `language_model.`.
+pub fn decoder_from_safetensors(
+    cfg: &ModelConfig,
+    files: &[PathBuf],
+    device: &Device,
+) -> Result<Decoder> {
+    // SAFETY: the files are memory-mapped read-only; like every mmap user we
+    // assume nobody truncates them while the model is loading.
+    let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, compute_dtype(device), device)? };
+    let vb = if !vb.contains_tensor("model.embed_tokens.weight")
+        && vb.contains_tensor("language_model.model.embed_tokens.weight")
+    {
+        vb.pp("language_model")
+    } else {
+        vb
+    };
+    build_decoder(cfg, vb)
+}
+
+fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let single = dir.join("model.safetensors");
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join("model.safetensors.index.json");
+    let text = std::fs::read_to_string(&index).map_err(|_| Error::InvalidModel {
+        path: dir.to_path_buf(),
+        message: "neither model.safetensors nor model.safetensors.index.json found".into(),
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Json {
+        path: index.clone(),
+        line: None,
+        message: e.to_string(),
+    })?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::InvalidModel {
+            path: index.clone(),
+            message: "no weight_map".into(),
+        })?;
+    let mut files: Vec<PathBuf> = map
+        .values()
+        .filter_map(|v| v.as_str())
+        .map(|f| dir.join(f))
+        .collect();
+    files.sort();
+    files.dedup();
+    Ok(files)
+}
+
+/// Resolves a hub id through the local cache, downloading when online.
+fn load_hub(id: &str, device: &Device) -> Result<BaseModel> {
+    let hub_err = |e: String| Error::Hub {
+        id: id.to_string(),
+        message: e,
+    };
+    // Offline first: a cached snapshot needs no network.
+    let cache = hf_hub::Cache::from_env();
+    let cached = cache.model(id.to_string());
+    let dir = match cached.get("config.json") {
+        Some(cfg)
+            if std::env::var_os("HF_HUB_OFFLINE").is_some()
+                || cached.get("tokenizer.json").is_some() =>
+        {
+            let dir = cfg.parent().map(Path::to_path_buf).unwrap_or_default();
+            // Shards may be missing from the cache: fetch them below if so.
+            if safetensors_files(&dir)
+                .map(|f| f.iter().all(|p| p.exists()))
+                .unwrap_or(false)
+            {
+                Some(dir)
+            } else {
+                None
+            }
+        }
+        _ => None,
+    };
+    let dir = match dir {
+        Some(d) => d,
+        None => {
+            if std::env::var_os("HF_HUB_OFFLINE").is_some() {
+                return Err(hub_err(
+                    "not in the local cache and HF_HUB_OFFLINE is set".into(),
+                ));
+            }
+            let api = hf_hub::api::sync::ApiBuilder::from_env()
+                .with_progress(true)
+                .build()
+                .map_err(|e| hub_err(e.to_string()))?;
+            let repo = api.model(id.to_string());
+            let cfg = repo
+                .get("config.json")
+                .map_err(|e| hub_err(e.to_string()))?;
+            repo.get("tokenizer.json")
+                .map_err(|e| hub_err(e.to_string()))?;
+            match repo.get("model.safetensors") {
+                Ok(_) => {}
+                Err(_) => {
+                    let index = repo
+                        .get("model.safetensors.index.json")
+                        .map_err(|e| hub_err(e.to_string()))?;
+                    let dir = index.parent().map(Path::to_path_buf).unwrap_or_default();
+                    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
+                    let json: serde_json::Value =
+                        serde_json::from_str(&text).map_err(|e| hub_err(e.to_string()))?;
+                    let mut shards: Vec<String> = json["weight_map"]
+                        .as_object()
+                        .map(|m| {
+                            m.values()
+                                .filter_map(|v| v.as_str().map(String::from))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    shards.sort();
+                    shards.dedup();
+                    for s in shards {
+                        if !dir.join(&s).exists() {
+                            repo.get(&s).map_err(|e| hub_err(e.to_string()))?;
+                        }
+                    }
+                }
+            }
+            cfg.parent().map(Path::to_path_buf).unwrap_or_default()
+        }
+    };
+    let mut model = load_hf_dir(&dir, device)?;
+    model.source = id.to_string();
+    Ok(model)
+}
+
+/// Deterministic pseudo-random weights for tests and benchmarks, served by
+/// name so that any architecture's builder can use them.
+pub struct RandomWeights {
+    pub seed: u64,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut h = self.seed ^ 0xcbf2_9ce4_8422_2325;
+        for b in name.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        let mut rng = crate::lora::SplitMix64(h);
+        let n = s.elem_count();
+        let fan_in = *s.dims().last().unwrap_or(&1) as f64;
+        let std = if s.rank() == 1 {
+            0.1
+        } else {
+            1.0 / fan_in.sqrt()
+        };
+        let data: Vec<f32> = (0..n)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * std * 1.7) as f32)
+            .collect();
+        Tensor::from_vec(data, s, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// A random-weight decoder for `cfg` (tests, benchmarks).
+pub fn random_decoder(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Decoder> {
+    let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights { seed });
+    build_decoder(
+        cfg,
+        VarBuilder::from_backend(backend, compute_dtype(device), device.clone()),
+    )
+}

@@ -1,0 +1,592 @@
+//! The decoder shared by every supported architecture.
+//!
+//! Gemma-3 and Llama-3 differ only in details (extra norms, activation,
+//! embedding scale, sliding windows); those are fields of [`Decoder`] set by
+//! the per-architecture builders in `gemma3.rs` and `llama.rs`. The same code
+//! runs inference (KV cache, fused kernels) and training (no cache, composed
+//! ops so that gradients reach the LoRA weights): see [`Mode`].
+//!
+//! Batches are ragged: every row carries its own token positions, and columns
+//! that hold padding have no position at all ([`Batch`]). Masks are derived
+//! from those positions, so left padding, a shared cached prefix followed by
+//! padding, and steps that append a different number of tokens per row all
+//! use the same code.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+
+use crate::lora::Lora;
+
+/// Which kernels the forward pass may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Fused kernels (no gradients) and the KV cache.
+    Infer,
+    /// Composed ops that record gradients; LoRA dropout active.
+    Train,
+}
+
+/// A linear projection `y = x W^T`, optionally adapted with LoRA.
+///
+/// `weight` is the pristine base weight; `merged` holds `W + s·BA` when an
+/// adapter is merged for inference, so that swapping adapters never has to
+/// undo a merge (which would drift in bf16).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Module path in Hugging Face naming, e.g. `model.layers.3.self_attn.q_proj`.
+    pub name: String,
+    pub weight: Tensor,
+    pub merged: Option<Tensor>,
+    pub lora: Option<Lora>,
+}
+
+impl Linear {
+    pub fn new(name: String, weight: Tensor) -> Self {
+        Self {
+            name,
+            weight,
+            merged: None,
+            lora: None,
+        }
+    }
+
+    /// `[out_features, in_features]`.
+    pub fn shape(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1])
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let w = self.merged.as_ref().unwrap_or(&self.weight);
+        let y = matmul_t(x, w)?;
+        match (&self.lora, &self.merged) {
+            (Some(lora), None) => {
+                let delta = lora.forward(x, mode)?.to_dtype(y.dtype())?;
+                y + delta
+            }
+            _ => Ok(y),
+        }
+    }
+}
+
+/// `x W^T` for `x` of any rank, flattening leading dims into one matmul.
+pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let in_features = dims[dims.len() - 1];
+    let rows = x.elem_count() / in_features.max(1);
+    let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+/// Root-mean-square norm. `alpha` is the effective multiplier, kept in f32
+/// (Gemma's `1 + w` is folded in at load time).
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub alpha: Tensor,
+    pub eps: f64,
+}
+
+impl RmsNorm {
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let dtype = x.dtype();
+        let x32 = x.to_dtype(DType::F32)?.contiguous()?;
+        let y = match mode {
+            Mode::Infer => candle_nn::ops::rms_norm(&x32, &self.alpha, self.eps as f32)?,
+            Mode::Train => {
+                let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+                x32.broadcast_div(&(ms + self.eps)?.sqrt()?)?
+                    .broadcast_mul(&self.alpha)?
+            }
+        };
+        y.to_dtype(dtype)
+    }
+}
+
+/// Rotary embedding parameters for one kind of layer.
+#[derive(Debug, Clone)]
+pub struct Rotary {
+    /// Inverse frequencies, `[head_dim / 2]`, f32 (already rescaled).
+    pub inv_freq: Tensor,
+}
+
+impl Rotary {
+    pub fn new(
+        head_dim: usize,
+        base: f64,
+        scaling: &super::RopeScaling,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        use super::RopeScaling;
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| {
+                let f = 1.0 / base.powf(2.0 * i as f64 / head_dim as f64);
+                let f = match *scaling {
+                    RopeScaling::None => f,
+                    RopeScaling::Linear { factor } => f / factor,
+                    RopeScaling::Llama3 {
+                        factor,
+                        low_freq_factor,
+                        high_freq_factor,
+                        original_max_position_embeddings,
+                    } => {
+                        let old = original_max_position_embeddings as f64;
+                        let low_wavelen = old / low_freq_factor;
+                        let high_wavelen = old / high_freq_factor;
+                        let wavelen = 2.0 * std::f64::consts::PI / f;
+                        if wavelen < high_wavelen {
+                            f
+                        } else if wavelen > low_wavelen {
+                            f / factor
+                        } else {
+                            let smooth = (old / wavelen - low_freq_factor)
+                                / (high_freq_factor - low_freq_factor);
+                            (1.0 - smooth) * f / factor + smooth * f
+                        }
+                    }
+                };
+                f as f32
+            })
+            .collect();
+        Ok(Self {
+            inv_freq: Tensor::from_vec(inv, half, dev)?,
+        })
+    }
+
+    /// cos and sin tables `[B, T, head_dim/2]` for the given positions,
+    /// computed in f32 and cast at the end (bf16 tables lose phase).
+    pub fn tables(
+        &self,
+        positions: &Tensor,
+        dtype: DType,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let (b, t) = positions.dims2()?;
+        let pos = positions.to_dtype(DType::F32)?.reshape((b * t, 1))?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
+        let half = self.inv_freq.dim(0)?;
+        let cos = freqs.cos()?.reshape((b, t, half))?.to_dtype(dtype)?;
+        let sin = freqs.sin()?.reshape((b, t, half))?.to_dtype(dtype)?;
+        Ok((cos, sin))
+    }
+}
+
+/// Applies rotary embedding to `x: [B, H, T, D]` (non-interleaved halves).
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+    match mode {
+        Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
+        Mode::Train => {
+            let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
+            let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+            let d = x.dim(D::Minus1)?;
+            let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+            let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
+            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+            x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
+        }
+    }
+}
+
+/// Feed-forward activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// `gelu_pytorch_tanh` (Gemma).
+    GeluTanh,
+    /// SiLU (Llama).
+    Silu,
+}
+
+#[derive(Debug, Clone)]
+pub struct Attention {
+    pub q_proj: Linear,
+    pub k_proj: Linear,
+    pub v_proj: Linear,
+    pub o_proj: Linear,
+    pub q_norm: Option<RmsNorm>,
+    pub k_norm: Option<RmsNorm>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Mlp {
+    pub gate_proj: Linear,
+    pub up_proj: Linear,
+    pub down_proj: Linear,
+}
+
+/// One decoder block. Norm names follow their role, not checkpoint names,
+/// because Llama's `post_attention_layernorm` is Gemma's `pre_feedforward_layernorm`.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    pub attn_norm: RmsNorm,
+    /// Gemma: norm on the attention output before the residual add.
+    pub attn_out_norm: Option<RmsNorm>,
+    pub mlp_norm: RmsNorm,
+    /// Gemma: norm on the MLP output before the residual add.
+    pub mlp_out_norm: Option<RmsNorm>,
+    pub attn: Attention,
+    pub mlp: Mlp,
+    /// Uses the sliding window and the local rotary base.
+    pub sliding: bool,
+}
+
+/// The whole decoder stack, architecture-neutral.
+#[derive(Debug, Clone)]
+pub struct Decoder {
+    pub cfg: super::ModelConfig,
+    /// `[vocab, hidden]` in the compute dtype.
+    pub embed_tokens: Tensor,
+    /// Multiplier applied to embeddings (Gemma: `sqrt(hidden)` in the compute dtype).
+    pub embed_scale: Option<f64>,
+    pub layers: Vec<Layer>,
+    pub norm: RmsNorm,
+    /// Separate output head; `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Tensor>,
+    pub activation: Activation,
+    pub rotary_global: Rotary,
+    pub rotary_local: Rotary,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// Per-row positions of the columns a forward pass appends.
+///
+/// `None` marks a padding column: it attends only to itself and nothing
+/// attends to it. Real columns attend to every earlier real column of their
+/// row (by position), within the sliding window on sliding layers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Batch {
+    pub rows: Vec<Vec<Option<u32>>>,
+}
+
+impl Batch {
+    /// Columns appended by this step (all rows have the same count).
+    pub fn width(&self) -> usize {
+        self.rows.first().map_or(0, Vec::len)
+    }
+
+    /// Positions with pads mapped to 0, `[B, T]`.
+    fn position_tensor(&self, dev: &Device) -> candle_core::Result<Tensor> {
+        let flat: Vec<u32> = self
+            .rows
+            .iter()
+            .flat_map(|r| r.iter().map(|p| p.unwrap_or(0)))
+            .collect();
+        Tensor::from_vec(flat, (self.rows.len(), self.width()), dev)
+    }
+}
+
+/// Key/value cache of one batch: tensors per layer plus the positions of
+/// every cached column, which later masks are built from.
+#[derive(Debug, Clone, Default)]
+pub struct Cache {
+    pub kv: Vec<Option<(Tensor, Tensor)>>,
+    pub columns: Vec<Vec<Option<u32>>>,
+}
+
+impl Cache {
+    pub fn len(&self) -> usize {
+        self.columns.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Repeats a batch-of-one cache (a shared prompt prefix) `n` times.
+    pub fn repeat(&self, n: usize) -> candle_core::Result<Self> {
+        let kv = self
+            .kv
+            .iter()
+            .map(|e| {
+                e.as_ref()
+                    .map(|(k, v)| {
+                        Ok::<_, candle_core::Error>((
+                            k.repeat((n, 1, 1, 1))?,
+                            v.repeat((n, 1, 1, 1))?,
+                        ))
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let columns = (0..n)
+            .map(|_| self.columns.first().cloned().unwrap_or_default())
+            .collect();
+        Ok(Self { kv, columns })
+    }
+}
+
+/// Additive attention mask `[B, 1, T, S]` (0 or -inf) for new columns `batch`
+/// after the cached columns `past`.
+fn build_mask(
+    past: &[Vec<Option<u32>>],
+    batch: &Batch,
+    window: Option<usize>,
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    let b = batch.rows.len();
+    let t = batch.width();
+    let p = past.first().map_or(0, Vec::len);
+    let s = p + t;
+    let mut data = vec![f32::NEG_INFINITY; b * t * s];
+    for (row, new) in batch.rows.iter().enumerate() {
+        let old = past.get(row).map(Vec::as_slice).unwrap_or(&[]);
+        for (i, q) in new.iter().enumerate() {
+            let base = (row * t + i) * s;
+            match q {
+                None => data[base + p + i] = 0.0,
+                Some(qp) => {
+                    for (j, k) in old.iter().chain(new.iter()).enumerate() {
+                        if let Some(kp) = k {
+                            let visible = kp <= qp
+                                && (j < p || j <= p + i)
+                                && window.is_none_or(|w| ((qp - kp) as usize) < w);
+                            if visible {
+                                data[base + j] = 0.0;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    Tensor::from_vec(data, (b, 1, t, s), dev)?.to_dtype(dtype)
+}
+
+impl Attention {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        cfg: &super::ModelConfig,
+        cos_sin: &(Tensor, Tensor),
+        mask: &Tensor,
+        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let (nh, nkv, hd) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim,
+        );
+        let q = self
+            .q_proj
+            .forward(x, mode)?
+            .reshape((b, t, nh, hd))?
+            .transpose(1, 2)?;
+        let k = self
+            .k_proj
+            .forward(x, mode)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let v = self
+            .v_proj
+            .forward(x, mode)?
+            .reshape((b, t, nkv, hd))?
+            .transpose(1, 2)?;
+        let q = match &self.q_norm {
+            Some(n) => n.forward(&q, mode)?,
+            None => q,
+        };
+        let k = match &self.k_norm {
+            Some(n) => n.forward(&k, mode)?,
+            None => k,
+        };
+        let q = apply_rotary(&q, &cos_sin.0, &cos_sin.1, mode)?;
+        let k = apply_rotary(&k, &cos_sin.0, &cos_sin.1, mode)?;
+        let (k, v) = match cache {
+            Some(slot) => {
+                let (k, v) = match slot.take() {
+                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+                    None => (k.contiguous()?, v.contiguous()?),
+                };
+                *slot = Some((k.clone(), v.clone()));
+                (k, v)
+            }
+            None => (k, v),
+        };
+        let rep = nh / nkv;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let scale = 1.0 / cfg.query_pre_attn_scalar.sqrt();
+        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+        let scores = match cfg.attn_logit_softcapping {
+            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+            None => scores,
+        };
+        let scores = scores.broadcast_add(mask)?.to_dtype(DType::F32)?;
+        let probs = match mode {
+            Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
+            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+        }
+        .to_dtype(v.dtype())?;
+        let out = probs
+            .matmul(&v)?
+            .transpose(1, 2)?
+            .reshape((b, t, nh * hd))?;
+        self.o_proj.forward(&out, mode)
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: &Tensor, act: Activation, mode: Mode) -> candle_core::Result<Tensor> {
+        let gate = self.gate_proj.forward(x, mode)?;
+        let gate = match act {
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::Silu => candle_nn::Activation::Silu.forward(&gate)?,
+        };
+        let up = self.up_proj.forward(x, mode)?;
+        self.down_proj.forward(&(gate * up)?, mode)
+    }
+}
+
+impl Decoder {
+    /// Runs the stack over `tokens: [B, T]` (u32) and returns final-normed
+    /// hidden states `[B, T, hidden]`. With a cache, new keys/values are
+    /// appended to it and attention covers the cached columns too.
+    pub fn forward_hidden(
+        &self,
+        tokens: &Tensor,
+        batch: &Batch,
+        mut cache: Option<&mut Cache>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        if batch.rows.len() != b || batch.width() != t {
+            candle_core::bail!(
+                "batch positions are {}x{} but tokens are {b}x{t}",
+                batch.rows.len(),
+                batch.width()
+            );
+        }
+        let dev = &self.device;
+        let positions = batch.position_tensor(dev)?;
+        let global = self.rotary_global.tables(&positions, self.dtype)?;
+        let needs_local = self.layers.iter().any(|l| l.sliding);
+        let local = if needs_local {
+            Some(self.rotary_local.tables(&positions, self.dtype)?)
+        } else {
+            None
+        };
+        let empty = Vec::new();
+        let past = cache.as_ref().map(|c| &c.columns).unwrap_or(&empty);
+        let mask_global = build_mask(past, batch, None, self.dtype, dev)?;
+        let mask_local = match (needs_local, self.cfg.sliding_window) {
+            (true, Some(w)) => Some(build_mask(past, batch, Some(w), self.dtype, dev)?),
+            _ => None,
+        };
+
+        let mut h = self
+            .embed_tokens
+            .embedding(&tokens.flatten_all()?)?
+            .reshape((b, t, ()))?;
+        if let Some(scale) = self.embed_scale {
+            let scale = Tensor::new(scale as f32, dev)?.to_dtype(self.dtype)?;
+            h = h.broadcast_mul(&scale)?;
+        }
+        if let Some(c) = cache.as_deref_mut() {
+            c.kv.resize(self.layers.len(), None);
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (cs, mask) = match (layer.sliding, &local, &mask_local) {
+                (true, Some(cs), Some(m)) => (cs, m),
+                (true, Some(cs), None) => (cs, &mask_global),
+                _ => (&global, &mask_global),
+            };
+            let slot = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            let residual = &h;
+            let x = layer.attn_norm.forward(&h, mode)?;
+            let x = layer.attn.forward(&x, &self.cfg, cs, mask, slot, mode)?;
+            let x = match &layer.attn_out_norm {
+                Some(n) => n.forward(&x, mode)?,
+                None => x,
+            };
+            let h_mid = (residual + x)?;
+            let x = layer.mlp_norm.forward(&h_mid, mode)?;
+            let x = layer.mlp.forward(&x, self.activation, mode)?;
+            let x = match &layer.mlp_out_norm {
+                Some(n) => n.forward(&x, mode)?,
+                None => x,
+            };
+            h = (h_mid + x)?;
+        }
+        if let Some(c) = cache {
+            for (row, cols) in batch.rows.iter().enumerate() {
+                if c.columns.len() <= row {
+                    c.columns.push(Vec::new());
+                }
+                c.columns[row].extend_from_slice(cols);
+            }
+        }
+        self.norm.forward(&h, mode)
+    }
+
+    /// Output logits (f32) for hidden states `[N, hidden]`.
+    pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let logits = matmul_t(hidden, head)?.to_dtype(DType::F32)?;
+        match self.cfg.final_logit_softcapping {
+            Some(cap) => (logits / cap)?.tanh()? * cap,
+            None => Ok(logits),
+        }
+    }
+
+    /// Logits of the last real column of every row after a cached step:
+    /// `hidden: [B, T, H]`, `last[b]` the column index within this step.
+    pub fn logits_at(&self, hidden: &Tensor, last: &[usize]) -> candle_core::Result<Tensor> {
+        let (b, t, h) = hidden.dims3()?;
+        let idx: Vec<u32> = last
+            .iter()
+            .enumerate()
+            .map(|(row, &col)| (row * t + col.min(t - 1)) as u32)
+            .collect();
+        let idx = Tensor::from_vec(idx, b, hidden.device())?;
+        let picked = hidden.reshape((b * t, h))?.index_select(&idx, 0)?;
+        self.logits(&picked)
+    }
+
+    /// Every adapted-or-adaptable projection, by module path.
+    pub fn linears_mut(&mut self) -> impl Iterator<Item = &mut Linear> {
+        self.layers.iter_mut().flat_map(|l| {
+            [
+                &mut l.attn.q_proj,
+                &mut l.attn.k_proj,
+                &mut l.attn.v_proj,
+                &mut l.attn.o_proj,
+                &mut l.mlp.gate_proj,
+                &mut l.mlp.up_proj,
+                &mut l.mlp.down_proj,
+            ]
+        })
+    }
+
+    /// Read-only view of [`Decoder::linears_mut`].
+    pub fn linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers.iter().flat_map(|l| {
+            [
+                &l.attn.q_proj,
+                &l.attn.k_proj,
+                &l.attn.v_proj,
+                &l.attn.o_proj,
+                &l.mlp.gate_proj,
+                &l.mlp.up_proj,
+                &l.mlp.down_proj,
+            ]
+        })
+    }
+
+    /// Rows of the output head.
+    pub fn vocab_size(&self) -> candle_core::Result<usize> {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).dim(0)
+    }
+}
+
+/// Convenience for tests: one dense batch with positions `start..start+len`.
+pub fn dense_batch(rows: usize, start: u32, len: usize) -> Batch {
+    Batch {
+        rows: (0..rows)
+            .map(|_| (0..len as u32).map(|i| Some(start + i)).collect())
+            .collect(),
+    }
+}

@@ -1,0 +1,388 @@
+//! Routing decisions: for each message, an image call or chat.
+//!
+//! [`Router`] owns a model and decides batches of messages at once. It stops
+//! generating as soon as the route is known: a reply that can no longer
+//! become a call is chat (the chat backend writes the real answer), a call
+//! stops at its closing `)`. Once a reply starts like a call, the rest of
+//! the fixed opening `call("generate_image", {"prompt": "` is fed in one
+//! step instead of one token per step. The system prompt's keys/values are
+//! computed once per adapter and shared by every batch.
+//!
+//! [`Engine`] runs a router on its own thread and serves async callers
+//! through a channel, batching whatever requests are waiting; model work
+//! never runs on the async runtime.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use crate::lora::Adapter;
+use crate::model::transformer::{Batch, Cache, Mode};
+use crate::model::BaseModel;
+use crate::prompt::{parse_reply, progress, Progress, Reply};
+use crate::{Error, Result};
+
+/// Where a message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    Image,
+    Chat,
+}
+
+/// The router's answer for one message.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Decision {
+    pub route: Route,
+    /// The image prompt, for image routes.
+    pub prompt: Option<String>,
+    /// What the model generated (cut short once the route was known).
+    pub output: String,
+    /// Tokens generated (forced call-opening tokens included).
+    pub new_tokens: usize,
+}
+
+/// Knobs of the decision procedure.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// Upper bound on generated tokens per message.
+    pub max_new_tokens: usize,
+    /// Stop as soon as a reply cannot become a call (a chat backend answers).
+    pub stop_at_chat: bool,
+    /// Feed the fixed call opening in one step once a reply starts like a call.
+    pub force_call_prefix: bool,
+    /// Messages decided in one forward batch at most.
+    pub max_batch: usize,
+    /// User text is cut to this many tokens (Discord messages are short).
+    pub max_input_tokens: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: 96,
+            stop_at_chat: true,
+            force_call_prefix: true,
+            max_batch: 16,
+            max_input_tokens: 1024,
+        }
+    }
+}
+
+/// A model plus everything needed to route with it.
+pub struct Router {
+    base: BaseModel,
+    pub config: RouterConfig,
+    adapter: Option<PathBuf>,
+    /// Prompt prefix ids and their cached keys/values (batch of one).
+    /// Cleared whenever the adapter changes: LoRA on k/v changes them.
+    prefix: Option<(Vec<u32>, Cache)>,
+    call_prefix_ids: Vec<u32>,
+}
+
+/// Per-message generation state.
+struct Row {
+    generated: Vec<u32>,
+    done: bool,
+    /// Tokens to append at the next step.
+    next: Vec<u32>,
+    next_position: u32,
+}
+
+impl Router {
+    pub fn new(base: BaseModel, config: RouterConfig) -> Result<Self> {
+        let call_prefix_ids = base.format.call_prefix_ids()?;
+        Ok(Self {
+            base,
+            config,
+            adapter: None,
+            prefix: None,
+            call_prefix_ids,
+        })
+    }
+
+    pub fn base(&self) -> &BaseModel {
+        &self.base
+    }
+
+    /// Mutable access for callers that change weights (the trainer);
+    /// invalidates the prefix cache.
+    pub fn base_mut(&mut self) -> &mut BaseModel {
+        self.prefix = None;
+        &mut self.base
+    }
+
+    /// The adapter in use, if any.
+    pub fn adapter(&self) -> Option<&PathBuf> {
+        self.adapter.as_ref()
+    }
+
+    /// Switches to `adapter` (merged into the weights), or back to the bare
+    /// base model with `None`. On error the previous state is kept.
+    pub fn set_adapter(&mut self, adapter: Option<&Adapter>) -> Result<()> {
+        match adapter {
+            Some(a) => {
+                a.apply(&mut self.base.decoder, true)?;
+                self.adapter = Some(a.path.clone());
+            }
+            None => {
+                for l in self.base.decoder.linears_mut() {
+                    l.lora = None;
+                    l.merged = None;
+                }
+                self.adapter = None;
+            }
+        }
+        self.prefix = None;
+        Ok(())
+    }
+
+    fn prefix_cache(&mut self) -> Result<(usize, Cache)> {
+        if self.prefix.is_none() {
+            let ids = self.base.format.prefix_ids()?;
+            let dec = &self.base.decoder;
+            let tokens = Tensor::new(ids.as_slice(), &dec.device)?.unsqueeze(0)?;
+            let batch = crate::model::transformer::dense_batch(1, 0, ids.len());
+            let mut cache = Cache::default();
+            dec.forward_hidden(&tokens, &batch, Some(&mut cache), Mode::Infer)?;
+            self.prefix = Some((ids, cache));
+        }
+        let (ids, cache) = self.prefix.as_ref().ok_or(Error::EngineStopped)?;
+        Ok((ids.len(), cache.clone()))
+    }
+
+    /// Routes one message.
+    pub fn route(&mut self, text: &str) -> Result<Decision> {
+        let mut out = self.route_batch(&[text])?;
+        out.pop().ok_or(Error::EngineStopped)
+    }
+
+    /// Routes several messages, `config.max_batch` per forward batch.
+    pub fn route_batch(&mut self, texts: &[&str]) -> Result<Vec<Decision>> {
+        let mut out = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(self.config.max_batch.max(1)) {
+            out.extend(self.route_chunk(chunk)?);
+        }
+        Ok(out)
+    }
+
+    fn route_chunk(&mut self, texts: &[&str]) -> Result<Vec<Decision>> {
+        let (prefix_len, prefix) = self.prefix_cache()?;
+        let n = texts.len();
+        let mut cache = prefix.repeat(n)?;
+        let format = &self.base.format;
+        let mut rows = Vec::with_capacity(n);
+        for text in texts {
+            let mut ids = format.user_ids(text)?;
+            if ids.len() > self.config.max_input_tokens {
+                // Keep the start of the message and the template's turn switch.
+                let tail = format.user_ids("")?;
+                let keep = self.config.max_input_tokens.saturating_sub(tail.len());
+                ids.truncate(keep);
+                ids.extend(tail);
+            }
+            rows.push(Row {
+                generated: Vec::new(),
+                done: false,
+                next: ids,
+                next_position: prefix_len as u32,
+            });
+        }
+        let stops = format.stop_ids.clone();
+        let tokenizer = format.tokenizer().clone();
+        let mut texts_out = vec![String::new(); n];
+        let mut first_step = true;
+        while rows.iter().any(|r| !r.done) {
+            let logits = self.step(&mut rows, &mut cache, first_step)?;
+            first_step = false;
+            let next = logits.argmax(1)?.to_vec1::<u32>()?;
+            for (i, row) in rows.iter_mut().enumerate() {
+                row.next.clear();
+                if row.done {
+                    continue;
+                }
+                let tok = next[i];
+                if stops.contains(&tok) {
+                    row.done = true;
+                    continue;
+                }
+                row.generated.push(tok);
+                let mut pending = vec![tok];
+                if self.config.force_call_prefix
+                    && row.generated.len() == 1
+                    && self.call_prefix_ids.len() > 1
+                    && self.call_prefix_ids[0] == tok
+                {
+                    let rest = &self.call_prefix_ids[1..];
+                    row.generated.extend_from_slice(rest);
+                    pending.extend_from_slice(rest);
+                }
+                texts_out[i] = tokenizer.decode(&row.generated)?;
+                let decided = match progress(&texts_out[i]) {
+                    Progress::Call(_) => true,
+                    Progress::Chat => self.config.stop_at_chat,
+                    Progress::Pending => false,
+                };
+                if decided || row.generated.len() >= self.config.max_new_tokens {
+                    row.done = true;
+                } else {
+                    row.next = pending;
+                }
+            }
+        }
+        Ok(rows
+            .into_iter()
+            .zip(texts_out)
+            .map(|(row, output)| {
+                let (route, prompt) = match parse_reply(&output) {
+                    Reply::Call { prompt } => (Route::Image, Some(prompt)),
+                    Reply::Chat(_) => (Route::Chat, None),
+                };
+                Decision {
+                    route,
+                    prompt,
+                    output,
+                    new_tokens: row.generated.len(),
+                }
+            })
+            .collect())
+    }
+
+    /// Appends every row's pending tokens (ragged: short rows padded) and
+    /// returns the logits after each row's last real token `[B, vocab]`.
+    /// The first step left-pads so that all prompts end in the last column.
+    fn step(&self, rows: &mut [Row], cache: &mut Cache, left_pad: bool) -> Result<Tensor> {
+        let dec = &self.base.decoder;
+        let width = rows.iter().map(|r| r.next.len()).max().unwrap_or(0).max(1);
+        let mut tokens = Vec::with_capacity(rows.len() * width);
+        let mut positions = Vec::with_capacity(rows.len());
+        let mut last = Vec::with_capacity(rows.len());
+        for row in rows.iter_mut() {
+            let pad = width - row.next.len();
+            let mut cols: Vec<Option<u32>> = Vec::with_capacity(width);
+            let real: Vec<Option<u32>> = (0..row.next.len() as u32)
+                .map(|i| Some(row.next_position + i))
+                .collect();
+            if left_pad {
+                tokens.extend(std::iter::repeat_n(0u32, pad));
+                tokens.extend_from_slice(&row.next);
+                cols.extend(std::iter::repeat_n(None, pad));
+                cols.extend(real);
+                last.push(width - 1);
+            } else {
+                tokens.extend_from_slice(&row.next);
+                tokens.extend(std::iter::repeat_n(0u32, pad));
+                cols.extend(real);
+                cols.extend(std::iter::repeat_n(None, pad));
+                last.push(row.next.len().max(1) - 1);
+            }
+            row.next_position += row.next.len() as u32;
+            positions.push(cols);
+        }
+        let t = Tensor::from_vec(tokens, (rows.len(), width), &dec.device)?;
+        let batch = Batch { rows: positions };
+        let hidden = dec.forward_hidden(&t, &batch, Some(cache), Mode::Infer)?;
+        Ok(dec.logits_at(&hidden, &last)?)
+    }
+}
+
+/// A request to the engine thread.
+enum Request {
+    Route {
+        text: String,
+        reply: tokio::sync::oneshot::Sender<Result<(Decision, f64)>>,
+    },
+    SetAdapter {
+        adapter: Option<PathBuf>,
+        reply: tokio::sync::oneshot::Sender<Result<()>>,
+    },
+}
+
+/// Handle to a router running on its own thread; cheap to clone and safe to
+/// use from async code (requests are queued, never run on the caller).
+#[derive(Clone)]
+pub struct Engine {
+    tx: std::sync::mpsc::Sender<Request>,
+}
+
+impl Engine {
+    /// Moves `router` onto a new thread. Requests that arrive while a batch
+    /// runs are decided together in the next batch.
+    pub fn spawn(mut router: Router) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        std::thread::Builder::new()
+            .name("router-engine".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut waiting = vec![first];
+                    while waiting.len() < router.config.max_batch {
+                        match rx.try_recv() {
+                            Ok(r) => waiting.push(r),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut texts = Vec::new();
+                    let mut replies = Vec::new();
+                    for req in waiting {
+                        match req {
+                            Request::Route { text, reply } => {
+                                texts.push(text);
+                                replies.push(reply);
+                            }
+                            Request::SetAdapter { adapter, reply } => {
+                                let result = match adapter {
+                                    Some(p) => {
+                                        Adapter::load(&p).and_then(|a| router.set_adapter(Some(&a)))
+                                    }
+                                    None => router.set_adapter(None),
+                                };
+                                let _ = reply.send(result);
+                            }
+                        }
+                    }
+                    if texts.is_empty() {
+                        continue;
+                    }
+                    let started = Instant::now();
+                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+                    match router.route_batch(&refs) {
+                        Ok(decisions) => {
+                            let ms = started.elapsed().as_secs_f64() * 1e3;
+                            for (d, reply) in decisions.into_iter().zip(replies) {
+                                let _ = reply.send(Ok((d, ms)));
+                            }
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            tracing::error!(error = %msg, "routing batch failed");
+                            for reply in replies {
+                                let _ = reply.send(Err(Error::Engine(msg.clone())));
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self { tx })
+    }
+
+    /// Routes one message; returns the decision and the batch's wall time in ms.
+    pub async fn route(&self, text: String) -> Result<(Decision, f64)> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Request::Route { text, reply })
+            .map_err(|_| Error::EngineStopped)?;
+        rx.await.map_err(|_| Error::EngineStopped)?
+    }
+
+    /// Loads and merges a new adapter (or none) between batches.
+    pub async fn set_adapter(&self, adapter: Option<PathBuf>) -> Result<()> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.tx
+            .send(Request::SetAdapter { adapter, reply })
+            .map_err(|_| Error::EngineStopped)?;
+        rx.await.map_err(|_| Error::EngineStopped)?
+    }
+}

@@ -1,0 +1,208 @@
+//! Integration tests on the real default model (Gemma-3-270M, GGUF Q4_K_M)
+//! against independent references recorded in
+//! `tests/fixtures/gemma3_270m_reference.json` by `make_gguf_reference.py`:
+//! token ids from Google's SentencePiece library, logits from Hugging Face
+//! transformers' own GGUF loader fed those ids.
+//!
+//! The model is fetched by `scripts/fetch-model.sh` (`.ci/run` does it).
+
+use std::sync::OnceLock;
+
+use candle_core::{Device, Tensor};
+use router::model::transformer::{dense_batch, Batch, Cache, Mode};
+use router::model::{self, BaseModel};
+use router::router::{Router, RouterConfig};
+use serde::Deserialize;
+
+const MODEL: &str = "model/gemma-3-270m-q4_k_m.gguf";
+
+#[derive(Deserialize)]
+struct Fixture {
+    probe_ids: Vec<u32>,
+    tokens: Vec<TokenCase>,
+    logits: Vec<LogitCase>,
+}
+
+#[derive(Deserialize)]
+struct TokenCase {
+    text: String,
+    ids: Vec<u32>,
+}
+
+#[derive(Deserialize)]
+struct LogitCase {
+    text: String,
+    ids: Vec<u32>,
+    rows: Vec<LogitRow>,
+}
+
+#[derive(Deserialize)]
+struct LogitRow {
+    position: usize,
+    top_ids: Vec<u32>,
+    top_logits: Vec<f32>,
+    probe_logits: Vec<f32>,
+}
+
+fn fixture() -> Fixture {
+    let text = std::fs::read_to_string("tests/fixtures/gemma3_270m_reference.json").unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn base() -> &'static BaseModel {
+    static BASE: OnceLock<BaseModel> = OnceLock::new();
+    BASE.get_or_init(|| {
+        assert!(
+            std::path::Path::new(MODEL).exists(),
+            "{MODEL} is missing: run scripts/fetch-model.sh first"
+        );
+        model::load(MODEL, &Device::Cpu).unwrap()
+    })
+}
+
+#[test]
+fn token_ids_match_sentencepiece() {
+    let tok = base().format.tokenizer();
+    for case in fixture().tokens {
+        let ours = tok.encode(&case.text).unwrap();
+        assert_eq!(
+            ours,
+            case.ids,
+            "text {:?}: pieces {:?}",
+            case.text,
+            tok.pieces(&case.text).unwrap()
+        );
+        assert_eq!(tok.decode(&ours).unwrap(), case.text);
+    }
+}
+
+#[test]
+fn logits_match_transformers() {
+    let fx = fixture();
+    let dec = &base().decoder;
+    let probe = Tensor::new(fx.probe_ids.as_slice(), &Device::Cpu).unwrap();
+    let mut worst = 0f32;
+    for case in &fx.logits {
+        // The reference was fed the same ids we produce.
+        let ours: Vec<u32> = std::iter::once(2)
+            .chain(base().format.tokenizer().encode(&case.text).unwrap())
+            .collect();
+        assert_eq!(ours, case.ids, "{}", case.text);
+        let n = case.ids.len();
+        let tokens = Tensor::new(case.ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let hidden = dec
+            .forward_hidden(&tokens, &dense_batch(1, 0, n), None, Mode::Infer)
+            .unwrap();
+        for row in &case.rows {
+            let logits = dec
+                .logits_at(&hidden, &[row.position])
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            let top1 = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+            assert_eq!(
+                top1, row.top_ids[0],
+                "{:?} position {}",
+                case.text, row.position
+            );
+            let picked = Tensor::new(row.top_ids.as_slice(), &Device::Cpu).unwrap();
+            let top = logits
+                .index_select(&picked, 0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let probes = logits
+                .index_select(&probe, 0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            for (a, b) in top
+                .iter()
+                .chain(&probes)
+                .zip(row.top_logits.iter().chain(&row.probe_logits))
+            {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    println!("max |logit difference| vs transformers: {worst:.5}");
+    assert!(worst < 2e-2, "max logit difference {worst}");
+}
+
+#[test]
+fn cached_decoding_equals_full_recomputation() {
+    let dec = &base().decoder;
+    let ids = base()
+        .format
+        .tokenizer()
+        .encode("幫我畫一隻戴墨鏡的貓 😎 please")
+        .unwrap();
+    let n = ids.len();
+    let all = Tensor::new(ids.as_slice(), &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let full = dec
+        .forward_hidden(&all, &dense_batch(1, 0, n), None, Mode::Infer)
+        .unwrap();
+    let full = dec.logits_at(&full, &[n - 1]).unwrap();
+    let mut cache = Cache::default();
+    let split = n / 2;
+    let head = all.narrow(1, 0, split).unwrap();
+    dec.forward_hidden(
+        &head,
+        &dense_batch(1, 0, split),
+        Some(&mut cache),
+        Mode::Infer,
+    )
+    .unwrap();
+    let mut last = None;
+    for i in split..n {
+        let t = all.narrow(1, i, 1).unwrap();
+        let b = Batch {
+            rows: vec![vec![Some(i as u32)]],
+        };
+        last = Some(
+            dec.forward_hidden(&t, &b, Some(&mut cache), Mode::Infer)
+                .unwrap(),
+        );
+    }
+    let stepped = dec.logits_at(&last.unwrap(), &[0]).unwrap();
+    let diff = (full - stepped)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    assert!(diff < 1e-3, "cached vs full logits differ by {diff}");
+}
+
+#[test]
+fn batched_routing_equals_one_at_a_time() {
+    let base = model::load(MODEL, &Device::Cpu).unwrap();
+    let mut router = Router::new(
+        base,
+        RouterConfig {
+            stop_at_chat: false,
+            max_new_tokens: 6,
+            ..RouterConfig::default()
+        },
+    )
+    .unwrap();
+    let texts = [
+        "Draw me a dragon",
+        "幫我把這張照片調暗一點 🙏",
+        "hi",
+        "what is the capital of France?",
+    ];
+    let batched = router.route_batch(&texts).unwrap();
+    for (t, b) in texts.iter().zip(&batched) {
+        let single = router.route(t).unwrap();
+        assert_eq!(&single, b, "{t}");
+    }
+}

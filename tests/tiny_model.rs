@@ -1,0 +1,372 @@
+//! Numerical properties of the decoder and LoRA on tiny random-weight
+//! Gemma-3 and Llama configurations built in the test.
+
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor};
+use router::lora::{self, Adapter, LoraConfig};
+use router::model::transformer::{dense_batch, Batch, Cache, Decoder, Mode};
+use router::model::{random_decoder, Architecture, ModelConfig};
+
+const ARCHS: [Architecture; 2] = [Architecture::Gemma3, Architecture::Llama];
+
+fn tiny(arch: Architecture) -> Decoder {
+    random_decoder(&ModelConfig::tiny(arch), 7, &Device::Cpu).unwrap()
+}
+
+fn ids(n: usize, salt: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| (i * 31 + salt * 7 + 5) % 97)
+        .collect()
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Logits at every position of a single sequence, no cache.
+fn full_logits(dec: &Decoder, seq: &[u32], mode: Mode) -> Tensor {
+    let n = seq.len();
+    let t = Tensor::new(seq, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    let h = dec
+        .forward_hidden(&t, &dense_batch(1, 0, n), None, mode)
+        .unwrap();
+    dec.logits(&h.squeeze(0).unwrap()).unwrap()
+}
+
+/// Random non-zero adapter on q/k/v/o (B is zero at init, which would hide bugs).
+fn adapted(arch: Architecture, cfg: &LoraConfig) -> Decoder {
+    let mut dec = tiny(arch);
+    lora::init(&mut dec, cfg, 3).unwrap();
+    let mut rng = lora::SplitMix64(11);
+    for l in dec.linears_mut() {
+        if let Some(lr) = &l.lora {
+            let (o, r) = lr.b.as_tensor().dims2().unwrap();
+            let v: Vec<f32> = (0..o * r)
+                .map(|_| (rng.next_f64() as f32 - 0.5) * 0.5)
+                .collect();
+            lr.b.set(&Tensor::from_vec(v, (o, r), &Device::Cpu).unwrap())
+                .unwrap();
+        }
+    }
+    dec
+}
+
+fn qkvo() -> LoraConfig {
+    LoraConfig::new(4, 8.0, 0.0, &["q_proj", "k_proj", "v_proj", "o_proj"])
+}
+
+#[test]
+fn shapes() {
+    for arch in ARCHS {
+        let dec = tiny(arch);
+        let t = Tensor::from_vec([ids(5, 0), ids(5, 1)].concat(), (2, 5), &Device::Cpu).unwrap();
+        let h = dec
+            .forward_hidden(&t, &dense_batch(2, 0, 5), None, Mode::Infer)
+            .unwrap();
+        assert_eq!(h.dims(), &[2, 5, 32]);
+        let l = dec.logits_at(&h, &[4, 2]).unwrap();
+        assert_eq!(l.dims(), &[2, 97]);
+        assert_eq!(dec.linears().count(), 3 * 7);
+    }
+}
+
+#[test]
+fn kv_cache_decoding_equals_full_recomputation() {
+    // 12 tokens > the tiny sliding window (4): windows are exercised.
+    for arch in ARCHS {
+        let dec = tiny(arch);
+        let seq = ids(12, 2);
+        let full = full_logits(&dec, &seq, Mode::Infer);
+        let mut cache = Cache::default();
+        let head = Tensor::new(&seq[..5], &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        dec.forward_hidden(&head, &dense_batch(1, 0, 5), Some(&mut cache), Mode::Infer)
+            .unwrap();
+        for (i, &tok) in seq.iter().enumerate().skip(5) {
+            let t = Tensor::new(&[[tok]], &Device::Cpu).unwrap();
+            let b = Batch {
+                rows: vec![vec![Some(i as u32)]],
+            };
+            let h = dec
+                .forward_hidden(&t, &b, Some(&mut cache), Mode::Infer)
+                .unwrap();
+            let step = dec.logits_at(&h, &[0]).unwrap().squeeze(0).unwrap();
+            let want = full.get(i).unwrap();
+            assert!(max_diff(&step, &want) < 1e-4, "{arch:?} position {i}");
+        }
+    }
+}
+
+#[test]
+fn padded_batches_equal_single_rows() {
+    for arch in ARCHS {
+        let dec = tiny(arch);
+        let a = ids(7, 3);
+        let b = ids(4, 4);
+        // Row b is left-padded by 3 columns; its positions still start at 0.
+        let mut tokens = a.clone();
+        tokens.extend([0, 0, 0]);
+        tokens.extend(&b);
+        let t = Tensor::from_vec(tokens, (2, 7), &Device::Cpu).unwrap();
+        let batch = Batch {
+            rows: vec![
+                (0..7).map(Some).collect(),
+                [None, None, None]
+                    .into_iter()
+                    .chain((0..4).map(Some))
+                    .collect(),
+            ],
+        };
+        let h = dec.forward_hidden(&t, &batch, None, Mode::Infer).unwrap();
+        let got = dec.logits_at(&h, &[6, 6]).unwrap();
+        let want_a = full_logits(&dec, &a, Mode::Infer).get(6).unwrap();
+        let want_b = full_logits(&dec, &b, Mode::Infer).get(3).unwrap();
+        assert!(max_diff(&got.get(0).unwrap(), &want_a) < 1e-4, "{arch:?}");
+        assert!(max_diff(&got.get(1).unwrap(), &want_b) < 1e-4, "{arch:?}");
+    }
+}
+
+#[test]
+fn training_ops_equal_inference_ops() {
+    for arch in ARCHS {
+        let dec = adapted(arch, &qkvo());
+        let seq = ids(9, 5);
+        let d = max_diff(
+            &full_logits(&dec, &seq, Mode::Infer),
+            &full_logits(&dec, &seq, Mode::Train),
+        );
+        assert!(d < 1e-4, "{arch:?}: {d}");
+    }
+}
+
+#[test]
+fn lora_merged_equals_unmerged() {
+    for arch in ARCHS {
+        let mut dec = adapted(arch, &qkvo());
+        let seq = ids(8, 6);
+        let base = full_logits(&tiny(arch), &seq, Mode::Infer);
+        let unmerged = full_logits(&dec, &seq, Mode::Infer);
+        assert!(
+            max_diff(&base, &unmerged) > 1e-3,
+            "{arch:?}: the adapter changes nothing"
+        );
+        for l in dec.linears_mut() {
+            l.merge().unwrap();
+        }
+        let merged = full_logits(&dec, &seq, Mode::Infer);
+        assert!(max_diff(&merged, &unmerged) < 1e-4, "{arch:?}");
+    }
+}
+
+#[test]
+fn fresh_adapter_starts_at_the_base_model() {
+    let mut dec = tiny(Architecture::Gemma3);
+    let seq = ids(6, 1);
+    let before = full_logits(&dec, &seq, Mode::Infer);
+    assert_eq!(lora::init(&mut dec, &qkvo(), 1).unwrap(), 12);
+    assert!(max_diff(&before, &full_logits(&dec, &seq, Mode::Infer)) < 1e-6);
+}
+
+#[test]
+fn adapter_save_load_round_trip() {
+    for arch in ARCHS {
+        let mut cfg = qkvo();
+        cfg.use_rslora = true;
+        let dec = adapted(arch, &cfg);
+        let dir = tempfile::tempdir().unwrap();
+        lora::save(&dec, &cfg, dir.path()).unwrap();
+        let loaded = Adapter::load(dir.path()).unwrap();
+        assert_eq!(loaded.config, cfg);
+        assert_eq!(loaded.weights.len(), 12);
+        assert!(loaded
+            .weights
+            .contains_key("model.layers.0.self_attn.q_proj"));
+        let mut fresh = tiny(arch);
+        loaded.apply(&mut fresh, true).unwrap();
+        let seq = ids(7, 9);
+        let d = max_diff(
+            &full_logits(&dec, &seq, Mode::Infer),
+            &full_logits(&fresh, &seq, Mode::Infer),
+        );
+        assert!(d < 1e-4, "{arch:?}: {d}");
+    }
+}
+
+#[test]
+fn gradients_reach_only_lora_weights() {
+    for arch in ARCHS {
+        let dec = adapted(arch, &qkvo());
+        let seq = ids(6, 8);
+        let logits = full_logits(&dec, &seq, Mode::Train);
+        let targets = Tensor::new(&ids(6, 9)[..], &Device::Cpu).unwrap();
+        let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+        let grads: GradStore = loss.backward().unwrap();
+        let vars = lora::trainable_vars(&dec);
+        assert_eq!(vars.len(), 24);
+        for (i, v) in vars.iter().enumerate() {
+            let g = grads
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{arch:?}: no gradient for var {i}"));
+            let norm = g
+                .sqr()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(norm > 0.0, "{arch:?}: zero gradient for var {i}");
+        }
+        // Frozen base weights get no gradient.
+        for l in dec.linears() {
+            assert!(
+                grads.get(&l.weight).is_none(),
+                "{arch:?}: {} has a gradient",
+                l.name
+            );
+        }
+        assert!(grads.get(&dec.embed_tokens).is_none());
+    }
+}
+
+#[test]
+fn gradients_match_finite_differences() {
+    // One coordinate of one LoRA B matrix: analytic vs numerical derivative.
+    let dec = adapted(Architecture::Gemma3, &qkvo());
+    let seq = ids(5, 2);
+    let targets = Tensor::new(&ids(5, 3)[..], &Device::Cpu).unwrap();
+    let loss_of = |d: &Decoder| {
+        let l = full_logits(d, &seq, Mode::Train);
+        candle_nn::loss::cross_entropy(&l, &targets).unwrap()
+    };
+    let loss = loss_of(&dec);
+    let grads = loss.backward().unwrap();
+    let var = dec.layers[1].attn.v_proj.lora.as_ref().unwrap().b.clone();
+    let analytic = grads
+        .get(var.as_tensor())
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap();
+    let analytic = analytic
+        .flatten_all()
+        .unwrap()
+        .get(3)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let orig = var.as_tensor().copy().unwrap();
+    let eps = 1e-2f32;
+    let bump = |delta: f32| {
+        let mut v = orig.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[3] += delta;
+        var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
+            .unwrap();
+        loss_of(&dec).to_scalar::<f32>().unwrap()
+    };
+    let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps);
+    var.set(&orig).unwrap();
+    assert!(
+        (numeric - analytic).abs() < 1e-2 * (1.0 + analytic.abs()),
+        "numeric {numeric} vs analytic {analytic}"
+    );
+}
+
+fn save_with(dec: &Decoder, cfg: &LoraConfig) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    lora::save(dec, cfg, dir.path()).unwrap();
+    dir
+}
+
+#[test]
+fn adapter_for_another_shape_is_refused_naming_tensor_and_shapes() {
+    let mut other_cfg = ModelConfig::tiny(Architecture::Gemma3);
+    other_cfg.hidden_size = 48;
+    let mut other = random_decoder(&other_cfg, 1, &Device::Cpu).unwrap();
+    lora::init(&mut other, &qkvo(), 1).unwrap();
+    let dir = save_with(&other, &qkvo());
+    let err = Adapter::load(dir.path())
+        .unwrap()
+        .apply(&mut tiny(Architecture::Gemma3), true)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("shape mismatch at `model.layers.0.self_attn"),
+        "{err}"
+    );
+    assert!(
+        err.contains("[32, 32]") || err.contains("[16, 32]") || err.contains("[32,"),
+        "{err}"
+    );
+    assert!(err.contains("48"), "{err}");
+}
+
+#[test]
+fn adapter_whose_keys_match_no_module_is_refused() {
+    let dec = adapted(Architecture::Gemma3, &qkvo());
+    let dir = save_with(&dec, &qkvo());
+    // Rename the keys to a multimodal prefix this text model does not have.
+    let path = dir.path().join(lora::WEIGHTS_FILE);
+    let tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
+    let renamed: std::collections::HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                k.replace(
+                    "base_model.model.model.",
+                    "base_model.model.language_model.model.",
+                ),
+                v,
+            )
+        })
+        .collect();
+    candle_core::safetensors::save(&renamed, &path).unwrap();
+    let err = Adapter::load(dir.path())
+        .unwrap()
+        .apply(&mut tiny(Architecture::Gemma3), true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("matches no module"), "{err}");
+}
+
+#[test]
+fn dora_and_modules_to_save_are_refused() {
+    let dec = adapted(Architecture::Llama, &qkvo());
+    for (field, value, needle) in [
+        ("use_dora", serde_json::json!(true), "DoRA"),
+        (
+            "modules_to_save",
+            serde_json::json!(["lm_head"]),
+            "modules_to_save",
+        ),
+    ] {
+        let dir = save_with(&dec, &qkvo());
+        let cfg_path = dir.path().join(lora::CONFIG_FILE);
+        let mut json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+        json[field] = value;
+        std::fs::write(&cfg_path, json.to_string()).unwrap();
+        let err = Adapter::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains(needle), "{err}");
+    }
+}
+
+#[test]
+fn rslora_scaling_is_alpha_over_sqrt_r() {
+    let mut cfg = LoraConfig::new(16, 8.0, 0.0, &["q_proj"]);
+    assert_eq!(cfg.scaling("model.layers.0.self_attn.q_proj", 16), 0.5);
+    cfg.use_rslora = true;
+    assert_eq!(cfg.scaling("model.layers.0.self_attn.q_proj", 16), 2.0);
+}
