@@ -206,3 +206,26 @@ fn batched_routing_equals_one_at_a_time() {
         assert_eq!(&single, b, "{t}");
     }
 }
+
+#[test]
+fn tokenizer_json_round_trip_keeps_the_tokenization() {
+    let tok = base().format.tokenizer();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenizer.json");
+    tok.save(&path).unwrap();
+    let loaded = router::tokenizer::Tokenizer::from_file(&path).unwrap();
+    assert_eq!(loaded.bos_id, Some(2));
+    for case in fixture().tokens {
+        assert_eq!(
+            loaded.encode(&case.text).unwrap(),
+            case.ids,
+            "{}",
+            case.text
+        );
+    }
+    let format = router::prompt::PromptFormat::new(loaded).unwrap();
+    assert_eq!(
+        format.prefix_ids().unwrap(),
+        base().format.prefix_ids().unwrap()
+    );
+}

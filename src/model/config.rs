@@ -81,6 +81,7 @@ pub struct ModelConfig {
 struct RawRopeScaling {
     #[serde(alias = "type")]
     rope_type: Option<String>,
+    rope_theta: Option<f64>,
     factor: Option<f64>,
     low_freq_factor: Option<f64>,
     high_freq_factor: Option<f64>,
@@ -106,6 +107,9 @@ struct RawConfig {
     rope_theta: Option<f64>,
     rope_local_base_freq: Option<f64>,
     rope_scaling: Option<RawRopeScaling>,
+    /// transformers v5 replaces `rope_theta`/`rope_scaling` with this: one
+    /// set of parameters, or one per layer type (Gemma-3).
+    rope_parameters: Option<serde_json::Value>,
     sliding_window: Option<usize>,
     sliding_window_pattern: Option<usize>,
     layer_types: Option<Vec<String>>,
@@ -135,10 +139,33 @@ impl ModelConfig {
         })?;
         // Multimodal Gemma-3 (4B+) nests the text model's config.
         let outer_type = raw.model_type.clone();
-        let raw = match raw.text_config {
+        let mut raw = match raw.text_config {
             Some(text) => *text,
             None => raw,
         };
+        if let Some(params) = raw.rope_parameters.take() {
+            let parse = |v: &serde_json::Value| {
+                serde_json::from_value::<RawRopeScaling>(v.clone()).map_err(|e| Error::Json {
+                    path: path.to_path_buf(),
+                    line: None,
+                    message: format!("rope_parameters: {e}"),
+                })
+            };
+            let (global, local) = match (
+                params.get("full_attention"),
+                params.get("sliding_attention"),
+            ) {
+                (Some(g), l) => (parse(g)?, l.map(parse).transpose()?),
+                (None, _) => (parse(&params)?, None),
+            };
+            if let Some(theta) = local.as_ref().and_then(|l| l.rope_theta) {
+                raw.rope_local_base_freq = Some(theta);
+            }
+            if let Some(theta) = global.rope_theta {
+                raw.rope_theta = Some(theta);
+            }
+            raw.rope_scaling = Some(global);
+        }
         let model_type = raw
             .model_type
             .clone()

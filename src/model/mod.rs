@@ -181,79 +181,49 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Resolves a hub id through the local cache, downloading when online.
+/// A complete snapshot of `id` in the local hub cache, if there is one.
+fn cached_snapshot(id: &str) -> Option<PathBuf> {
+    let repo = hf_hub::Cache::from_env().model(id.to_string());
+    let config = repo.get("config.json")?;
+    repo.get("tokenizer.json")?;
+    let dir = config.parent()?.to_path_buf();
+    let files = safetensors_files(&dir).ok()?;
+    files.iter().all(|f| f.exists()).then_some(dir)
+}
+
+/// Resolves a hub id: the local cache first (no network), else a download
+/// into the cache unless `HF_HUB_OFFLINE` is set.
 fn load_hub(id: &str, device: &Device) -> Result<BaseModel> {
     let hub_err = |e: String| Error::Hub {
         id: id.to_string(),
         message: e,
     };
-    // Offline first: a cached snapshot needs no network.
-    let cache = hf_hub::Cache::from_env();
-    let cached = cache.model(id.to_string());
-    let dir = match cached.get("config.json") {
-        Some(cfg)
-            if std::env::var_os("HF_HUB_OFFLINE").is_some()
-                || cached.get("tokenizer.json").is_some() =>
-        {
-            let dir = cfg.parent().map(Path::to_path_buf).unwrap_or_default();
-            // Shards may be missing from the cache: fetch them below if so.
-            if safetensors_files(&dir)
-                .map(|f| f.iter().all(|p| p.exists()))
-                .unwrap_or(false)
-            {
-                Some(dir)
-            } else {
-                None
-            }
+    let dir = match cached_snapshot(id) {
+        Some(dir) => dir,
+        None if std::env::var_os("HF_HUB_OFFLINE").is_some() => {
+            return Err(hub_err(
+                "not (completely) in the local hub cache, and HF_HUB_OFFLINE is set".into(),
+            ))
         }
-        _ => None,
-    };
-    let dir = match dir {
-        Some(d) => d,
         None => {
-            if std::env::var_os("HF_HUB_OFFLINE").is_some() {
-                return Err(hub_err(
-                    "not in the local cache and HF_HUB_OFFLINE is set".into(),
-                ));
-            }
             let api = hf_hub::api::sync::ApiBuilder::from_env()
                 .with_progress(true)
                 .build()
                 .map_err(|e| hub_err(e.to_string()))?;
             let repo = api.model(id.to_string());
-            let cfg = repo
-                .get("config.json")
-                .map_err(|e| hub_err(e.to_string()))?;
-            repo.get("tokenizer.json")
-                .map_err(|e| hub_err(e.to_string()))?;
-            match repo.get("model.safetensors") {
-                Ok(_) => {}
-                Err(_) => {
-                    let index = repo
-                        .get("model.safetensors.index.json")
-                        .map_err(|e| hub_err(e.to_string()))?;
-                    let dir = index.parent().map(Path::to_path_buf).unwrap_or_default();
-                    let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-                    let json: serde_json::Value =
-                        serde_json::from_str(&text).map_err(|e| hub_err(e.to_string()))?;
-                    let mut shards: Vec<String> = json["weight_map"]
-                        .as_object()
-                        .map(|m| {
-                            m.values()
-                                .filter_map(|v| v.as_str().map(String::from))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    shards.sort();
-                    shards.dedup();
-                    for s in shards {
-                        if !dir.join(&s).exists() {
-                            repo.get(&s).map_err(|e| hub_err(e.to_string()))?;
-                        }
+            let get = |f: &str| repo.get(f).map_err(|e| hub_err(format!("{f}: {e}")));
+            let config = get("config.json")?;
+            get("tokenizer.json")?;
+            if get("model.safetensors").is_err() {
+                let index = get("model.safetensors.index.json")?;
+                let dir = index.parent().map(Path::to_path_buf).unwrap_or_default();
+                for shard in safetensors_files(&dir)? {
+                    if let Some(name) = shard.file_name().and_then(|n| n.to_str()) {
+                        get(name)?;
                     }
                 }
             }
-            cfg.parent().map(Path::to_path_buf).unwrap_or_default()
+            config.parent().map(Path::to_path_buf).unwrap_or_default()
         }
     };
     let mut model = load_hf_dir(&dir, device)?;
