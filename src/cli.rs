@@ -57,6 +57,11 @@ impl ModelArgs {
         model::load(&self.base_model, &device)
     }
 
+    /// Loads the base model alone into a router (no adapter).
+    pub fn load_router_bare(&self, config: RouterConfig) -> Result<Router> {
+        Router::new(self.load_base()?, config)
+    }
+
     /// Loads base model and adapter into a router.
     pub fn load_router(&self, config: RouterConfig) -> Result<Router> {
         let base = self.load_base()?;

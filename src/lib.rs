@@ -10,10 +10,12 @@
 //! - [`prompt`]: THE prompt format and THE strict call parser.
 //! - [`router`]: batched, early-stopping routing decisions, and the engine
 //!   thread that serves them to async code.
+//! - [`dataset`]: the JSONL conversation schema and routing metrics.
 //! - [`device`]: choosing CPU or CUDA.
 //! - [`error`]: the library's error type.
 
 pub mod cli;
+pub mod dataset;
 pub mod device;
 pub mod error;
 pub mod lora;

@@ -13,6 +13,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
@@ -176,7 +177,7 @@ impl Lora {
     pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let x = x.to_dtype(DType::F32)?;
         let x = if mode == Mode::Train && self.dropout > 0.0 {
-            candle_nn::ops::dropout(&x, self.dropout as f32)?
+            dropout(&x, self.dropout)?
         } else {
             x
         };
@@ -423,6 +424,38 @@ pub fn save(decoder: &Decoder, config: &LoraConfig, dir: &Path) -> Result<()> {
         serde_json::to_string_pretty(config).map_err(|e| adapter_err(&c_path, e.to_string()))?;
     std::fs::write(&c_path, text).map_err(|e| Error::io(&c_path, e))?;
     Ok(())
+}
+
+/// Seed of the CPU dropout masks; each mask draws the next stream.
+static DROPOUT_SEED: AtomicU64 = AtomicU64::new(0);
+static DROPOUT_CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// Makes training dropout reproducible: CUDA's generator is seeded, and CPU
+/// masks come from a seeded counter-based stream (candle's CPU generator
+/// cannot be seeded).
+pub fn seed_dropout(device: &Device, seed: u64) -> Result<()> {
+    if !device.is_cpu() {
+        device.set_seed(seed)?;
+    }
+    DROPOUT_SEED.store(seed, Ordering::SeqCst);
+    DROPOUT_CALLS.store(0, Ordering::SeqCst);
+    Ok(())
+}
+
+/// Inverted dropout: zeroes each element with probability `p`, scales the
+/// rest by `1 / (1 - p)`.
+fn dropout(x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
+    if !x.device().is_cpu() {
+        return candle_nn::ops::dropout(x, p as f32);
+    }
+    let call = DROPOUT_CALLS.fetch_add(1, Ordering::SeqCst);
+    let mut rng =
+        SplitMix64(DROPOUT_SEED.load(Ordering::SeqCst) ^ call.wrapping_mul(0xA24B_AED4_963E_E407));
+    let keep = (1.0 / (1.0 - p)) as f32;
+    let mask: Vec<f32> = (0..x.elem_count())
+        .map(|_| if rng.next_f64() < p { 0.0 } else { keep })
+        .collect();
+    x * Tensor::from_vec(mask, x.shape(), x.device())?
 }
 
 /// Small deterministic generator for initialisation (no global RNG state).

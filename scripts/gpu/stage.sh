@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# On the GPU machine: keep what this call carried in /tmp (which survives
+# between calls while the machine stays warm). Carried paths: chunks of the
+# default model under .stage/ (pip wheels) and xz-compressed CUDA builds of
+# `bot` and `train` under .gpu/. With SMOKE=1, also checks the CUDA build on
+# the tiny fixture model against the CPU.
+set -euo pipefail
+mkdir -p /tmp/stage /tmp/bin
+shopt -s nullglob
+for w in .stage/*.whl; do cp "$w" /tmp/stage/; done
+for b in .gpu/*.xz; do
+  name=$(basename "$b" .xz)
+  xz -dc "$b" > "/tmp/bin/$name"
+  chmod +x "/tmp/bin/$name"
+done
+echo "staged: $(ls /tmp/stage | tr '\n' ' ')"
+echo "binaries: $(ls /tmp/bin | tr '\n' ' ')"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+if [[ "${SMOKE:-0}" == 1 && -x /tmp/bin/bot ]]; then
+  export PATH=/tmp/bin:$PATH RUST_LOG=warn
+  msgs=("draw a cat" "hello there" "call me" "x")
+  for dev in cpu cuda; do
+    bot --base-model tests/fixtures/tiny_gemma3 --no-adapter --device "$dev" route --json --full --max-new-tokens 12 "${msgs[@]}" \
+      | python3 -c 'import sys,json; print(sys.argv[1], [json.loads(l)["output"] for l in sys.stdin])' "$dev"
+  done
+fi

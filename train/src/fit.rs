@@ -1,0 +1,648 @@
+//! The training run, top to bottom: data, model, optimizer, loop {lr,
+//! forward, loss, backward, step; every N: validation loss, checkpoint},
+//! then the adapter is written atomically, evaluated against the one in use
+//! and promoted only when it is not worse.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, D};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use router::dataset::{read_merged, Example};
+use router::lora::{self, Adapter, LoraConfig};
+use router::model::transformer::{Batch, Decoder, Mode};
+use router::prompt::PromptFormat;
+use router::router::RouterConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::eval::{evaluate, print_report, Report};
+use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+
+/// Options of a training run (the original project's defaults).
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub struct FitArgs {
+    /// Base training data (JSONL conversations).
+    #[arg(long, default_value = "datas/image_call_train.jsonl")]
+    pub train_file: PathBuf,
+    /// Feedback files from the bot, applied after the base data (later rows win).
+    /// Default: every *.jsonl in datas/feedback/.
+    #[arg(long = "feedback")]
+    pub feedback: Vec<PathBuf>,
+    /// Held-out rows to evaluate the new and the current adapter on.
+    #[arg(long, default_value = "datas/image_call_test.jsonl")]
+    pub test_file: PathBuf,
+    /// Where versioned adapter directories are written.
+    #[arg(long, default_value = "model/adapters")]
+    pub out_dir: PathBuf,
+    /// Name of this run's directory (default: run-<UTC date and time>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// The pointer the bot reads, moved to the new adapter on promotion.
+    #[arg(long, default_value = router::cli::DEFAULT_ADAPTER)]
+    pub current: PathBuf,
+
+    /// LoRA rank.
+    #[arg(long = "lora-r", default_value_t = 32)]
+    pub r: usize,
+    #[arg(long = "lora-alpha", default_value_t = 16.0)]
+    pub alpha: f64,
+    #[arg(long = "lora-dropout", default_value_t = 0.05)]
+    pub dropout: f64,
+    /// Projections that get LoRA weights.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj"
+    )]
+    pub targets: Vec<String>,
+    #[arg(long)]
+    pub use_rslora: bool,
+
+    #[arg(long, default_value_t = 2e-4)]
+    pub lr: f64,
+    /// Share of the steps spent warming the learning rate up.
+    #[arg(long, default_value_t = 0.03)]
+    pub warmup_ratio: f64,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    #[arg(long, default_value_t = 1)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 2)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 4)]
+    pub grad_accum: usize,
+    /// Longer examples are cut to this many tokens.
+    #[arg(long, default_value_t = 1536)]
+    pub max_len: usize,
+    /// Share of the data trained on; the rest gives the validation loss.
+    #[arg(long, default_value_t = 0.9)]
+    pub train_fraction: f64,
+    #[arg(long, default_value_t = 3407)]
+    pub seed: u64,
+    /// Stop after this many optimizer steps (quick runs).
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Validation loss every N steps (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    pub eval_every: usize,
+    /// Checkpoint every N steps (0: never).
+    #[arg(long, default_value_t = 100)]
+    pub save_every: usize,
+
+    /// Start from this adapter's weights instead of a fresh initialisation.
+    #[arg(long)]
+    pub init_adapter: Option<PathBuf>,
+    /// Continue an interrupted run from one of its checkpoints.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// Promote the new adapter even if it evaluates worse.
+    #[arg(long)]
+    pub force: bool,
+    /// Train and evaluate, but leave the current adapter alone.
+    #[arg(long)]
+    pub no_promote: bool,
+    /// Messages per batch when evaluating.
+    #[arg(long, default_value_t = 32)]
+    pub eval_batch: usize,
+}
+
+/// A tokenized example.
+struct Tokenized {
+    ids: Vec<u32>,
+    labels: Vec<bool>,
+}
+
+/// What a checkpoint needs to continue.
+#[derive(Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: usize,
+    run_dir: PathBuf,
+    args: FitArgs,
+}
+
+/// One JSON line of the training log.
+#[derive(Serialize)]
+struct LogLine {
+    step: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_loss: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    lr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grad_norm: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tokens_per_s: Option<f64>,
+    elapsed_s: f64,
+}
+
+/// Counts printed before training: rows by source and label.
+fn print_counts(rows: &[Example], out: &mut impl Write) -> Result<()> {
+    let mut by_source: BTreeMap<String, (usize, usize)> = BTreeMap::new();
+    for r in rows {
+        let e = by_source.entry(r.source.display().to_string()).or_default();
+        if r.is_call() {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+    writeln!(out, "{:<44} {:>7} {:>7}", "source", "image", "chat")?;
+    for (src, (c, n)) in &by_source {
+        writeln!(out, "{src:<44} {c:>7} {n:>7}")?;
+    }
+    let calls = rows.iter().filter(|r| r.is_call()).count();
+    writeln!(
+        out,
+        "{:<44} {:>7} {:>7}",
+        "total",
+        calls,
+        rows.len() - calls
+    )?;
+    Ok(())
+}
+
+/// Feedback files: the ones given, else `datas/feedback/*.jsonl`.
+fn feedback_files(args: &FitArgs) -> Result<Vec<PathBuf>> {
+    if !args.feedback.is_empty() {
+        return Ok(args.feedback.clone());
+    }
+    let dir = Path::new("datas/feedback");
+    if !dir.is_dir() {
+        return Ok(Vec::new());
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Deterministic shuffle (Fisher-Yates over SplitMix64).
+fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..n).collect();
+    let mut rng = lora::SplitMix64(seed);
+    for i in (1..n).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        idx.swap(i, j);
+    }
+    idx
+}
+
+fn tokenize(format: &PromptFormat, rows: &[&Example], max_len: usize) -> Result<Vec<Tokenized>> {
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let ex = format
+            .example(&r.user, &r.assistant)
+            .with_context(|| format!("tokenizing {}:{}", r.source.display(), r.line))?;
+        let (mut ids, mut labels) = (ex.ids, ex.labels);
+        ids.truncate(max_len);
+        labels.truncate(max_len);
+        if labels.iter().skip(1).any(|l| *l) {
+            out.push(Tokenized { ids, labels });
+        } else {
+            tracing::warn!(
+                "{}:{}: no answer tokens left within --max-len {max_len}; skipped",
+                r.source.display(),
+                r.line
+            );
+        }
+    }
+    Ok(out)
+}
+
+/// Sum of the answer tokens' negative log-likelihood, divided by `norm`,
+/// and the number of answer tokens.
+fn batch_loss(
+    dec: &Decoder,
+    batch: &[&Tokenized],
+    norm: f64,
+    mode: Mode,
+) -> Result<(Tensor, usize)> {
+    let t = batch.iter().map(|b| b.ids.len()).max().unwrap_or(1);
+    let mut tokens = Vec::with_capacity(batch.len() * t);
+    let mut rows = Vec::with_capacity(batch.len());
+    let (mut idx, mut targets) = (Vec::new(), Vec::new());
+    for (b, ex) in batch.iter().enumerate() {
+        tokens.extend_from_slice(&ex.ids);
+        tokens.extend(std::iter::repeat_n(0, t - ex.ids.len()));
+        rows.push(
+            (0..t as u32)
+                .map(|i| ((i as usize) < ex.ids.len()).then_some(i))
+                .collect(),
+        );
+        for i in 0..ex.ids.len() - 1 {
+            if ex.labels[i + 1] {
+                idx.push((b * t + i) as u32);
+                targets.push(ex.ids[i + 1]);
+            }
+        }
+    }
+    let dev = &dec.device;
+    let tokens = Tensor::from_vec(tokens, (batch.len(), t), dev)?;
+    let hidden = dec.forward_hidden(&tokens, &Batch { rows }, None, mode)?;
+    let h = hidden.reshape((batch.len() * t, ()))?;
+    let n = idx.len();
+    let picked = h.index_select(&Tensor::from_vec(idx, n, dev)?, 0)?;
+    let logits = dec.logits(&picked)?;
+    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
+    let targets = Tensor::from_vec(targets, (n, 1), dev)?;
+    let nll = (logp.gather(&targets, 1)?.sum_all()?.neg()? / norm)?;
+    Ok((nll, n))
+}
+
+fn validation_loss(dec: &Decoder, val: &[Tokenized], batch: usize) -> Result<f64> {
+    let (mut total, mut count) = (0f64, 0usize);
+    for chunk in val.chunks(batch.max(1)) {
+        let refs: Vec<&Tokenized> = chunk.iter().collect();
+        let (loss, n) = batch_loss(dec, &refs, 1.0, Mode::Infer)?;
+        total += loss.to_scalar::<f32>()? as f64;
+        count += n;
+    }
+    Ok(if count == 0 {
+        f64::NAN
+    } else {
+        total / count as f64
+    })
+}
+
+/// UTC `YYYYmmdd-HHMMSS` for run names.
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn save_checkpoint(
+    dir: &Path,
+    dec: &Decoder,
+    cfg: &LoraConfig,
+    opt: &AdamW,
+    state: &TrainerState,
+) -> Result<()> {
+    let tmp = dir.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    lora::save(dec, cfg, &tmp)?;
+    opt.save(&tmp)?;
+    std::fs::write(
+        tmp.join("trainer_state.json"),
+        serde_json::to_string_pretty(state)?,
+    )?;
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::rename(&tmp, dir)?;
+    Ok(())
+}
+
+/// Points `link` at `target` atomically (a new link renamed over the old).
+fn repoint(link: &Path, target: &Path) -> Result<()> {
+    let parent = link.parent().unwrap_or(Path::new("."));
+    let rel = pathdiff(target, parent);
+    let tmp = parent.join(".current.tmp");
+    let _ = std::fs::remove_file(&tmp);
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&rel, &tmp).with_context(|| format!("linking {}", tmp.display()))?;
+    #[cfg(not(unix))]
+    bail!("promotion needs symbolic links (unix)");
+    if link.exists() && !link.is_symlink() {
+        bail!(
+            "{} is a directory, not a link; move it away to let train manage it",
+            link.display()
+        );
+    }
+    std::fs::rename(&tmp, link).with_context(|| format!("moving {}", link.display()))?;
+    Ok(())
+}
+
+/// `target` relative to `base` when it lies below it, else absolute.
+fn pathdiff(target: &Path, base: &Path) -> PathBuf {
+    let t = std::fs::canonicalize(target).unwrap_or_else(|_| target.to_path_buf());
+    let b = std::fs::canonicalize(base).unwrap_or_else(|_| base.to_path_buf());
+    t.strip_prefix(&b).map(Path::to_path_buf).unwrap_or(t)
+}
+
+/// Runs training, evaluation and promotion. Returns the new adapter's directory.
+pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf> {
+    let started = Instant::now();
+    let resume_state: Option<TrainerState> = match &args.resume {
+        Some(ckpt) => {
+            let p = ckpt.join("trainer_state.json");
+            let s: TrainerState = serde_json::from_str(
+                &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+            )
+            .with_context(|| format!("parsing {}", p.display()))?;
+            let resume = args.resume.clone();
+            args = FitArgs {
+                resume,
+                ..s.args.clone()
+            };
+            Some(s)
+        }
+        None => None,
+    };
+
+    // ---- data
+    let mut files = vec![args.train_file.clone()];
+    files.extend(feedback_files(&args)?);
+    let rows = read_merged(&files).context("reading training data")?;
+    let test_rows =
+        router::dataset::read_jsonl(&args.test_file).context("reading the test file")?;
+    print_counts(&rows, &mut std::io::stdout())?;
+    if rows.len() < 2 {
+        bail!("need at least two training rows, found {}", rows.len());
+    }
+    let order = shuffled(rows.len(), args.seed);
+    let n_train = ((rows.len() as f64 * args.train_fraction).round() as usize).clamp(1, rows.len());
+    let train_rows: Vec<&Example> = order[..n_train].iter().map(|&i| &rows[i]).collect();
+    let val_rows: Vec<&Example> = order[n_train..].iter().map(|&i| &rows[i]).collect();
+
+    // ---- model
+    let mut router = model.load_router_bare(RouterConfig::default())?;
+    let device: Device = router.base().decoder.device.clone();
+    let format = router.base().format.clone();
+    let train = tokenize(&format, &train_rows, args.max_len)?;
+    let val = tokenize(&format, &val_rows, args.max_len)?;
+    println!(
+        "train {} rows, validation {} rows, test {} rows; device {}",
+        train.len(),
+        val.len(),
+        test_rows.len(),
+        router::device::describe(&device)
+    );
+    let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
+    let mut lora_cfg = LoraConfig::new(args.r, args.alpha, args.dropout, &targets);
+    lora_cfg.use_rslora = args.use_rslora;
+    lora_cfg.base_model_name_or_path = Some(router.base().source.clone());
+    let start_from = args.resume.clone().or(args.init_adapter.clone());
+    {
+        let dec = &mut router.base_mut().decoder;
+        match &start_from {
+            Some(dir) => {
+                let a = Adapter::load(dir)?;
+                lora_cfg.r = a.config.r;
+                lora_cfg.lora_alpha = a.config.lora_alpha;
+                lora_cfg.target_modules = a.config.target_modules.clone();
+                lora_cfg.use_rslora = a.config.use_rslora;
+                a.apply(dec, false)?;
+                for l in dec.linears_mut() {
+                    if let Some(lr) = &mut l.lora {
+                        lr.dropout = args.dropout;
+                    }
+                }
+            }
+            None => {
+                lora::init(dec, &lora_cfg, args.seed)?;
+            }
+        }
+    }
+    let vars = lora::trainable_vars(&router.base().decoder);
+    let n_params: usize = vars.iter().map(|v| v.elem_count()).sum();
+    println!(
+        "LoRA r={} alpha={} on {:?}: {n_params} trainable parameters",
+        lora_cfg.r, lora_cfg.lora_alpha, args.targets
+    );
+    let mut opt = AdamW::new(
+        vars,
+        AdamWConfig {
+            weight_decay: args.weight_decay,
+            ..Default::default()
+        },
+    )?;
+    if let Some(ckpt) = &args.resume {
+        opt.load(ckpt)?;
+    }
+
+    // ---- run directory (written under a .partial name, renamed at the end)
+    let run_dir = match &resume_state {
+        Some(s) => s.run_dir.clone(),
+        None => args.out_dir.join(
+            args.name
+                .clone()
+                .unwrap_or_else(|| format!("run-{}", utc_stamp())),
+        ),
+    };
+    if run_dir.exists() {
+        bail!("{} already exists; pick another --name", run_dir.display());
+    }
+    let partial = run_dir.with_extension("partial");
+    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
+    std::fs::write(
+        partial.join("train_args.json"),
+        serde_json::to_string_pretty(&args)?,
+    )?;
+    let mut log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(partial.join("training_log.jsonl"))?;
+
+    // ---- loop
+    let per_step = args.batch_size.max(1) * args.grad_accum.max(1);
+    let steps_per_epoch = train.len().div_ceil(per_step);
+    let mut total = steps_per_epoch * args.epochs.max(1);
+    if let Some(m) = args.max_steps {
+        total = total.min(m);
+    }
+    let warmup = (total as f64 * args.warmup_ratio).round() as usize;
+    let first_step = resume_state.as_ref().map_or(0, |s| s.step);
+    let bar = ProgressBar::new(total as u64).with_style(
+        ProgressStyle::with_template(
+            "train {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(first_step as u64);
+    let mut tokens_seen = 0usize;
+    let loop_started = Instant::now();
+    for step in first_step..total {
+        let epoch = step / steps_per_epoch;
+        let order = shuffled(train.len(), args.seed.wrapping_add(1 + epoch as u64));
+        let begin = (step % steps_per_epoch) * per_step;
+        let picked: Vec<&Tokenized> = order[begin..(begin + per_step).min(train.len())]
+            .iter()
+            .map(|&i| &train[i])
+            .collect();
+        let label_tokens: usize = picked
+            .iter()
+            .map(|t| t.labels.iter().skip(1).filter(|l| **l).count())
+            .sum();
+        lora::seed_dropout(
+            &device,
+            args.seed.wrapping_mul(1_000_003).wrapping_add(step as u64),
+        )?;
+        let lr = learning_rate(step, total, warmup, args.lr);
+        let dec = &router.base().decoder;
+        let vars = lora::trainable_vars(dec);
+        let mut grads: Vec<Tensor> = Vec::new();
+        let mut loss_sum = 0f64;
+        for micro in picked.chunks(args.batch_size.max(1)) {
+            let (loss, _) = batch_loss(dec, micro, label_tokens.max(1) as f64, Mode::Train)?;
+            loss_sum += loss.to_scalar::<f32>()? as f64;
+            let store = loss.backward()?;
+            for (i, v) in vars.iter().enumerate() {
+                let g = store
+                    .get(v.as_tensor())
+                    .with_context(|| format!("no gradient for LoRA variable {i}"))?
+                    .clone();
+                if grads.len() <= i {
+                    grads.push(g);
+                } else {
+                    grads[i] = (&grads[i] + g)?;
+                }
+            }
+            tokens_seen += micro.iter().map(|t| t.ids.len()).sum::<usize>();
+        }
+        let grad_norm = clip_grad_norm(&mut grads, args.max_grad_norm)?;
+        opt.apply(&grads, lr)?;
+        let elapsed = loop_started.elapsed().as_secs_f64();
+        let tps = tokens_seen as f64 / elapsed.max(1e-9);
+        bar.inc(1);
+        bar.set_message(format!("loss {loss_sum:.4} lr {lr:.2e} {tps:.0} tok/s"));
+        let mut line = LogLine {
+            step: step + 1,
+            loss: Some(loss_sum),
+            val_loss: None,
+            lr: Some(lr),
+            grad_norm: Some(grad_norm),
+            tokens_per_s: Some(tps),
+            elapsed_s: started.elapsed().as_secs_f64(),
+        };
+        let last = step + 1 == total;
+        if (args.eval_every > 0 && (step + 1) % args.eval_every == 0) || last {
+            let v = validation_loss(&router.base().decoder, &val, args.batch_size.max(1) * 4)?;
+            line.val_loss = Some(v);
+            bar.suspend(|| println!("step {} loss {loss_sum:.4} val_loss {v:.4}", step + 1));
+        }
+        writeln!(log, "{}", serde_json::to_string(&line)?)?;
+        if args.save_every > 0 && (step + 1) % args.save_every == 0 && !last {
+            let state = TrainerState {
+                step: step + 1,
+                run_dir: run_dir.clone(),
+                args: args.clone(),
+            };
+            let ckpt = partial.join(format!("checkpoint-{}", step + 1));
+            save_checkpoint(&ckpt, &router.base().decoder, &lora_cfg, &opt, &state)?;
+        }
+    }
+    bar.finish_and_clear();
+    log.flush()?;
+
+    // ---- the adapter, atomically
+    lora::save(&router.base().decoder, &lora_cfg, &partial)?;
+    for entry in std::fs::read_dir(&partial)?.flatten() {
+        if entry
+            .file_name()
+            .to_string_lossy()
+            .starts_with("checkpoint-")
+        {
+            std::fs::remove_dir_all(entry.path())?;
+        }
+    }
+    std::fs::rename(&partial, &run_dir)
+        .with_context(|| format!("moving {} to {}", partial.display(), run_dir.display()))?;
+    println!(
+        "adapter written to {} in {:.1} s",
+        run_dir.display(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // ---- evaluate new vs current, promote when not worse
+    let new_adapter = Adapter::load(&run_dir)?;
+    router.set_adapter(Some(&new_adapter))?;
+    let new_report = evaluate(&mut router, &test_rows, args.eval_batch)?;
+    println!("new adapter on {}:", args.test_file.display());
+    print_report(&new_report, &mut std::io::stdout())?;
+    let current_dir = std::fs::canonicalize(&args.current).ok();
+    let current_report: Option<Report> = match &current_dir {
+        Some(dir) if dir.join(lora::CONFIG_FILE).exists() => {
+            match Adapter::load(dir).and_then(|a| router.set_adapter(Some(&a))) {
+                Ok(()) => {
+                    let r = evaluate(&mut router, &test_rows, args.eval_batch)?;
+                    println!("current adapter ({}):", dir.display());
+                    print_report(&r, &mut std::io::stdout())?;
+                    Some(r)
+                }
+                Err(e) => {
+                    println!("current adapter {} cannot be used with this base model ({e}); it will be replaced", dir.display());
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
+    std::fs::write(
+        run_dir.join("metrics.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "test_file": args.test_file,
+            "new": new_report,
+            "current": current_report,
+            "train_seconds": started.elapsed().as_secs_f64(),
+        }))?,
+    )?;
+    let better = current_report
+        .as_ref()
+        .is_none_or(|c| new_report.f1 >= c.f1);
+    if args.no_promote {
+        println!("--no-promote: {} left as it is", args.current.display());
+    } else if better || args.force {
+        repoint(&args.current, &run_dir)?;
+        println!(
+            "promoted: {} -> {}{}",
+            args.current.display(),
+            run_dir.display(),
+            if better { "" } else { " (forced)" }
+        );
+    } else if let Some(c) = &current_report {
+        println!(
+            "kept the current adapter: new F1 {:.4} < current F1 {:.4} (use --force to promote anyway)",
+            new_report.f1, c.f1
+        );
+    }
+    Ok(run_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shuffle_is_a_deterministic_permutation() {
+        let a = shuffled(50, 7);
+        assert_eq!(a, shuffled(50, 7));
+        assert_ne!(a, shuffled(50, 8));
+        let mut s = a.clone();
+        s.sort();
+        assert_eq!(s, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn utc_stamp_looks_like_a_date() {
+        let s = utc_stamp();
+        assert_eq!(s.len(), 15, "{s}");
+        assert!(s.starts_with("20"), "{s}");
+    }
+}
