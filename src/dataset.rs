@@ -36,8 +36,8 @@ pub struct Example {
     /// File the row came from and its 1-based line number.
     pub source: PathBuf,
     pub line: usize,
-    /// `meta.lang` when the row has it (for per-language reports).
-    pub lang: Option<String>,
+    /// The line's free-form `meta` object, if any.
+    pub meta: Option<serde_json::Value>,
 }
 
 impl Example {
@@ -54,6 +54,16 @@ impl Example {
         }
     }
 
+    /// A string field of `meta` (`lang`, `seed`, ...).
+    pub fn meta_str(&self, field: &str) -> Option<&str> {
+        self.meta.as_ref()?.get(field)?.as_str()
+    }
+
+    /// `meta.lang`, for per-language reports.
+    pub fn lang(&self) -> Option<&str> {
+        self.meta_str("lang")
+    }
+
     /// The row as a JSONL conversation.
     pub fn to_conversation(&self) -> Conversation {
         Conversation {
@@ -67,7 +77,7 @@ impl Example {
                     content: self.assistant.clone(),
                 },
             ],
-            meta: self.lang.as_ref().map(|l| serde_json::json!({ "lang": l })),
+            meta: self.meta.clone(),
         }
     }
 }
@@ -88,6 +98,7 @@ fn example(conv: Conversation, path: &Path, line: usize) -> Result<Example> {
         .iter()
         .rposition(|m| m.role == "assistant")
         .ok_or_else(|| bad_line(path, line, "no assistant message"))?;
+    let meta = conv.meta.clone();
     let user = conv.messages[..last_assistant]
         .iter()
         .rev()
@@ -101,12 +112,7 @@ fn example(conv: Conversation, path: &Path, line: usize) -> Result<Example> {
         assistant: conv.messages[last_assistant].content.clone(),
         source: path.to_path_buf(),
         line,
-        lang: conv
-            .meta
-            .as_ref()
-            .and_then(|m| m.get("lang"))
-            .and_then(|l| l.as_str())
-            .map(String::from),
+        meta,
     })
 }
 
@@ -153,6 +159,7 @@ pub fn read_merged(paths: &[PathBuf]) -> Result<Vec<Example>> {
 pub struct Confusion {
     pub tp: usize,
     pub fp: usize,
+    #[serde(rename = "fn")]
     pub fn_: usize,
     pub tn: usize,
 }

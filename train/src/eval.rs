@@ -90,7 +90,7 @@ pub fn evaluate(router: &mut Router, rows: &[Example], batch: usize) -> Result<R
             let gold = row.is_call();
             let pred = d.route == Route::Image;
             confusion.add(gold, pred);
-            let lang = row.lang.clone().unwrap_or_else(|| "-".into());
+            let lang = row.lang().unwrap_or("-").to_string();
             by_lang.entry(lang).or_default().add(gold, pred);
             let gold_prompt = row.gold_prompt();
             if let (Some(p), Some(g)) = (&d.prompt, &gold_prompt) {
@@ -105,7 +105,7 @@ pub fn evaluate(router: &mut Router, rows: &[Example], batch: usize) -> Result<R
                 output: d.output,
                 prompt: d.prompt,
                 gold_prompt,
-                lang: row.lang.clone(),
+                lang: row.lang().map(String::from),
             });
         }
         bar.inc(chunk.len() as u64);

@@ -110,6 +110,9 @@ pub struct FitArgs {
     /// Messages per batch when evaluating.
     #[arg(long, default_value_t = 32)]
     pub eval_batch: usize,
+    /// Simulate an interruption after N steps (tests of --resume).
+    #[arg(long, hide = true)]
+    pub stop_after: Option<usize>,
 }
 
 /// A tokenized example.
@@ -546,6 +549,12 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
             };
             let ckpt = partial.join(format!("checkpoint-{}", step + 1));
             save_checkpoint(&ckpt, &router.base().decoder, &lora_cfg, &opt, &state)?;
+        }
+        if args.stop_after == Some(step + 1) {
+            bail!(
+                "stopped after {} steps (--stop-after); resume with --resume <checkpoint>",
+                step + 1
+            );
         }
     }
     bar.finish_and_clear();

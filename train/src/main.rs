@@ -4,6 +4,7 @@
 //! an OpenAI-compatible endpoint (`train expand`).
 
 mod eval;
+mod expand;
 mod fit;
 mod optim;
 
@@ -19,8 +20,7 @@ use router::router::RouterConfig;
 #[command(
     name = "train",
     version,
-    about = "Retrain and evaluate the router's LoRA adapter",
-    args_conflicts_with_subcommands = true
+    about = "Retrain and evaluate the router's LoRA adapter"
 )]
 struct Cli {
     #[command(flatten)]
@@ -46,6 +46,8 @@ enum Command {
         #[arg(long, default_value_t = 32)]
         batch: usize,
     },
+    /// Expand seed rows into paraphrases through an OpenAI-compatible endpoint.
+    Expand(expand::ExpandArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,6 +68,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             fit::run(&cli.model, cli.fit)?;
             Ok(())
         }
+        Some(Command::Expand(args)) => expand::run(args),
         Some(Command::Eval {
             test_file,
             predictions,
