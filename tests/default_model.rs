@@ -229,3 +229,50 @@ fn tokenizer_json_round_trip_keeps_the_tokenization() {
         base().format.prefix_ids().unwrap()
     );
 }
+
+#[derive(Deserialize)]
+struct AdapterFixture {
+    cases: Vec<AdapterCase>,
+}
+
+#[derive(Deserialize)]
+struct AdapterCase {
+    ids: Vec<u32>,
+    rows: Vec<AdapterRow>,
+}
+
+#[derive(Deserialize)]
+struct AdapterRow {
+    position: usize,
+    top_ids: Vec<u32>,
+    top_logits: Vec<f32>,
+}
+
+/// The shipped adapter, loaded by Python PEFT onto transformers' own GGUF
+/// load, gives the logits we compute with it merged into our weights.
+#[test]
+fn shipped_adapter_matches_python_peft() {
+    let text = std::fs::read_to_string("tests/fixtures/adapter_reference.json").unwrap();
+    let fx: AdapterFixture = serde_json::from_str(&text).unwrap();
+    let mut base = model::load(MODEL, &Device::Cpu).unwrap();
+    let adapter = router::lora::Adapter::load(std::path::Path::new("model/current")).unwrap();
+    adapter.apply(&mut base.decoder, true).unwrap();
+    let dec = &base.decoder;
+    let mut worst = 0f32;
+    for case in &fx.cases {
+        let n = case.ids.len();
+        let tokens = Tensor::new(case.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let hidden = dec.forward_hidden(&tokens, &dense_batch(1, 0, n), None, Mode::Infer).unwrap();
+        for row in &case.rows {
+            let logits = dec.logits_at(&hidden, &[row.position]).unwrap().squeeze(0).unwrap();
+            assert_eq!(logits.argmax(0).unwrap().to_scalar::<u32>().unwrap(), row.top_ids[0]);
+            let picked = Tensor::new(row.top_ids.as_slice(), &Device::Cpu).unwrap();
+            let ours = logits.index_select(&picked, 0).unwrap().to_vec1::<f32>().unwrap();
+            for (a, b) in ours.iter().zip(&row.top_logits) {
+                worst = worst.max((a - b).abs());
+            }
+        }
+    }
+    println!("max |logit difference| vs PEFT: {worst:.5}");
+    assert!(worst < 2e-2, "max logit difference {worst}");
+}
