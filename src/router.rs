@@ -139,18 +139,21 @@ impl Router {
         Ok(())
     }
 
+    /// The prompt prefix's length and its cached keys/values (computed once
+    /// per adapter).
     fn prefix_cache(&mut self) -> Result<(usize, Cache)> {
-        if self.prefix.is_none() {
-            let ids = self.base.format.prefix_ids()?;
-            let dec = &self.base.decoder;
-            let tokens = Tensor::new(ids.as_slice(), &dec.device)?.unsqueeze(0)?;
-            let batch = crate::model::transformer::dense_batch(1, 0, ids.len());
-            let mut cache = Cache::default();
-            dec.forward_hidden(&tokens, &batch, Some(&mut cache), Mode::Infer)?;
-            self.prefix = Some((ids, cache));
+        if let Some((ids, cache)) = &self.prefix {
+            return Ok((ids.len(), cache.clone()));
         }
-        let (ids, cache) = self.prefix.as_ref().ok_or(Error::EngineStopped)?;
-        Ok((ids.len(), cache.clone()))
+        let ids = self.base.format.prefix_ids()?;
+        let dec = &self.base.decoder;
+        let tokens = Tensor::new(ids.as_slice(), &dec.device)?.unsqueeze(0)?;
+        let batch = crate::model::transformer::dense_batch(1, 0, ids.len());
+        let mut cache = Cache::default();
+        dec.forward_hidden(&tokens, &batch, Some(&mut cache), Mode::Infer)?;
+        let out = (ids.len(), cache.clone());
+        self.prefix = Some((ids, cache));
+        Ok(out)
     }
 
     /// Routes one message.

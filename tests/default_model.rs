@@ -261,13 +261,29 @@ fn shipped_adapter_matches_python_peft() {
     let mut worst = 0f32;
     for case in &fx.cases {
         let n = case.ids.len();
-        let tokens = Tensor::new(case.ids.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let hidden = dec.forward_hidden(&tokens, &dense_batch(1, 0, n), None, Mode::Infer).unwrap();
+        let tokens = Tensor::new(case.ids.as_slice(), &Device::Cpu)
+            .unwrap()
+            .unsqueeze(0)
+            .unwrap();
+        let hidden = dec
+            .forward_hidden(&tokens, &dense_batch(1, 0, n), None, Mode::Infer)
+            .unwrap();
         for row in &case.rows {
-            let logits = dec.logits_at(&hidden, &[row.position]).unwrap().squeeze(0).unwrap();
-            assert_eq!(logits.argmax(0).unwrap().to_scalar::<u32>().unwrap(), row.top_ids[0]);
+            let logits = dec
+                .logits_at(&hidden, &[row.position])
+                .unwrap()
+                .squeeze(0)
+                .unwrap();
+            assert_eq!(
+                logits.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
+                row.top_ids[0]
+            );
             let picked = Tensor::new(row.top_ids.as_slice(), &Device::Cpu).unwrap();
-            let ours = logits.index_select(&picked, 0).unwrap().to_vec1::<f32>().unwrap();
+            let ours = logits
+                .index_select(&picked, 0)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
             for (a, b) in ours.iter().zip(&row.top_logits) {
                 worst = worst.max((a - b).abs());
             }

@@ -11,7 +11,7 @@
 use candle_core::DType;
 use candle_nn::VarBuilder;
 
-use super::transformer::{Activation, Attention, Decoder, Layer, Linear, Mlp, RmsNorm, Rotary};
+use super::transformer::{linear, Activation, Attention, Decoder, Layer, Mlp, RmsNorm, Rotary};
 use super::ModelConfig;
 
 /// Gemma's norm: `x̂ * (1 + w)`, the `1 +` folded into the stored multiplier.
@@ -21,10 +21,6 @@ fn norm(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<RmsNorm> 
         alpha: (w + 1.0)?,
         eps,
     })
-}
-
-pub(crate) fn linear(vb: &VarBuilder, out: usize, inp: usize) -> candle_core::Result<Linear> {
-    Ok(Linear::new(vb.prefix(), vb.get((out, inp), "weight")?))
 }
 
 /// Builds the decoder; `vb` points at the checkpoint root (its `model.` and

@@ -5,8 +5,7 @@
 use candle_core::DType;
 use candle_nn::VarBuilder;
 
-use super::gemma3::linear;
-use super::transformer::{Activation, Attention, Decoder, Layer, Mlp, RmsNorm, Rotary};
+use super::transformer::{linear, Activation, Attention, Decoder, Layer, Mlp, RmsNorm, Rotary};
 use super::ModelConfig;
 
 fn norm(vb: &VarBuilder, size: usize, eps: f64) -> candle_core::Result<RmsNorm> {

@@ -68,6 +68,16 @@ impl Linear {
     }
 }
 
+/// Loads the `weight` `[out, inp]` under `vb` as a (not yet adapted) projection
+/// named by its module path.
+pub(crate) fn linear(
+    vb: &candle_nn::VarBuilder,
+    out: usize,
+    inp: usize,
+) -> candle_core::Result<Linear> {
+    Ok(Linear::new(vb.prefix(), vb.get((out, inp), "weight")?))
+}
+
 /// `x W^T` for `x` of any rank, flattening leading dims into one matmul.
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
@@ -406,16 +416,25 @@ impl Attention {
             }
             None => (k, v),
         };
+        // Grouped-query attention without copying keys/values: the query
+        // heads that share a kv head are stacked along the time axis,
+        // `[B, nkv, rep*T, D]` (head h = j*rep + r uses kv head j, as in
+        // transformers' repeat_kv), and the mask is stacked to match.
         let rep = nh / nkv;
-        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
-        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let mask = if rep > 1 {
+            Tensor::cat(&vec![mask; rep], 2)?
+        } else {
+            mask.clone()
+        };
         let scale = 1.0 / cfg.query_pre_attn_scalar.sqrt();
-        let scores = (q.contiguous()?.matmul(&k.t()?)? * scale)?;
+        let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = match cfg.attn_logit_softcapping {
             Some(cap) => ((scores / cap)?.tanh()? * cap)?,
             None => scores,
         };
-        let scores = scores.broadcast_add(mask)?.to_dtype(DType::F32)?;
+        let scores = scores.broadcast_add(&mask)?.to_dtype(DType::F32)?;
         let probs = match mode {
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
             Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
@@ -423,6 +442,7 @@ impl Attention {
         .to_dtype(v.dtype())?;
         let out = probs
             .matmul(&v)?
+            .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
         self.o_proj.forward(&out, mode)
