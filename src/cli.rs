@@ -101,6 +101,20 @@ pub fn fetch_default_model() -> Result<()> {
     Ok(())
 }
 
+/// The body of every binary's `main`: reads `.env`, sets up logging, runs
+/// `run`, and prints an error with its whole chain (`{:#}`) on failure.
+pub fn run_main(run: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
+    let _ = dotenvy::dotenv();
+    init_tracing();
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Logging to stderr, filtered by `RUST_LOG` (default `info`).
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()

@@ -123,3 +123,18 @@ fn unknown_device_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
 }
+
+#[test]
+fn dotenv_file_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join(".env"), "ROUTER_DEVICE=tpu-from-dotenv\n").unwrap();
+    let out = bot()
+        .env_remove("ROUTER_DEVICE")
+        .current_dir(dir.path())
+        .args(["route", "hi"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("tpu-from-dotenv"), "{err}");
+}

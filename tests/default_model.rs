@@ -60,6 +60,34 @@ fn base() -> &'static BaseModel {
     })
 }
 
+/// Logits at `position`, checked to have the reference's top-1 token
+/// (`ids[0]`); returns the largest difference from `want` over `ids`.
+fn max_diff_at(
+    dec: &router::model::Decoder,
+    hidden: &Tensor,
+    position: usize,
+    ids: &[u32],
+    want: &[f32],
+) -> f32 {
+    let logits = dec
+        .logits_at(hidden, &[position])
+        .unwrap()
+        .squeeze(0)
+        .unwrap();
+    let top1 = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
+    assert_eq!(top1, ids[0], "top-1 token at position {position}");
+    let picked = Tensor::new(ids, &Device::Cpu).unwrap();
+    let ours = logits
+        .index_select(&picked, 0)
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    ours.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max)
+}
+
 #[test]
 fn token_ids_match_sentencepiece() {
     let tok = base().format.tokenizer();
@@ -80,7 +108,6 @@ fn token_ids_match_sentencepiece() {
 fn logits_match_transformers() {
     let fx = fixture();
     let dec = &base().decoder;
-    let probe = Tensor::new(fx.probe_ids.as_slice(), &Device::Cpu).unwrap();
     let mut worst = 0f32;
     for case in &fx.logits {
         // The reference was fed the same ids we produce.
@@ -97,35 +124,9 @@ fn logits_match_transformers() {
             .forward_hidden(&tokens, &dense_batch(1, 0, n), None, Mode::Infer)
             .unwrap();
         for row in &case.rows {
-            let logits = dec
-                .logits_at(&hidden, &[row.position])
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            let top1 = logits.argmax(0).unwrap().to_scalar::<u32>().unwrap();
-            assert_eq!(
-                top1, row.top_ids[0],
-                "{:?} position {}",
-                case.text, row.position
-            );
-            let picked = Tensor::new(row.top_ids.as_slice(), &Device::Cpu).unwrap();
-            let top = logits
-                .index_select(&picked, 0)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            let probes = logits
-                .index_select(&probe, 0)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            for (a, b) in top
-                .iter()
-                .chain(&probes)
-                .zip(row.top_logits.iter().chain(&row.probe_logits))
-            {
-                worst = worst.max((a - b).abs());
-            }
+            let ids = [row.top_ids.as_slice(), &fx.probe_ids].concat();
+            let want = [row.top_logits.as_slice(), &row.probe_logits].concat();
+            worst = worst.max(max_diff_at(dec, &hidden, row.position, &ids, &want));
         }
     }
     println!("max |logit difference| vs transformers: {worst:.5}");
@@ -269,24 +270,8 @@ fn shipped_adapter_matches_python_peft() {
             .forward_hidden(&tokens, &dense_batch(1, 0, n), None, Mode::Infer)
             .unwrap();
         for row in &case.rows {
-            let logits = dec
-                .logits_at(&hidden, &[row.position])
-                .unwrap()
-                .squeeze(0)
-                .unwrap();
-            assert_eq!(
-                logits.argmax(0).unwrap().to_scalar::<u32>().unwrap(),
-                row.top_ids[0]
-            );
-            let picked = Tensor::new(row.top_ids.as_slice(), &Device::Cpu).unwrap();
-            let ours = logits
-                .index_select(&picked, 0)
-                .unwrap()
-                .to_vec1::<f32>()
-                .unwrap();
-            for (a, b) in ours.iter().zip(&row.top_logits) {
-                worst = worst.max((a - b).abs());
-            }
+            let d = max_diff_at(dec, &hidden, row.position, &row.top_ids, &row.top_logits);
+            worst = worst.max(d);
         }
     }
     println!("max |logit difference| vs PEFT: {worst:.5}");

@@ -39,11 +39,11 @@ pub fn compute_dtype(device: &Device) -> DType {
 
 /// Builds the decoder for `cfg` from Hugging Face-named weights.
 pub fn build_decoder(cfg: &ModelConfig, vb: VarBuilder) -> Result<Decoder> {
-    let decoder = match cfg.architecture {
-        Architecture::Gemma3 => gemma3::build(cfg, vb),
-        Architecture::Llama => llama::build(cfg, vb),
+    let family = match cfg.architecture {
+        Architecture::Gemma3 => &gemma3::FAMILY,
+        Architecture::Llama => &llama::FAMILY,
     };
-    Ok(decoder?)
+    Ok(family.build(cfg, vb)?)
 }
 
 /// Loads a base model from a `.gguf` file, a directory holding

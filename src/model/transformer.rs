@@ -239,6 +239,124 @@ pub struct Layer {
     pub sliding: bool,
 }
 
+/// What distinguishes one architecture's checkpoint from another's: the
+/// per-architecture modules (`gemma3.rs`, `llama.rs`) each define one.
+#[derive(Debug, Clone, Copy)]
+pub struct Family {
+    /// Norm weights are stored as `w` with effective multiplier `1 + w`.
+    pub norm_plus_one: bool,
+    /// Per-head RmsNorm on q and k (`q_norm`, `k_norm`).
+    pub qk_norm: bool,
+    /// Checkpoint name of the norm before the MLP.
+    pub mlp_norm: &'static str,
+    /// Checkpoint names of the norms on the attention and MLP outputs.
+    pub attn_out_norm: Option<&'static str>,
+    pub mlp_out_norm: Option<&'static str>,
+    pub activation: Activation,
+    /// Embeddings are multiplied by `sqrt(hidden_size)`.
+    pub embed_scale: bool,
+    /// Sliding layers use `rope_local_base_freq` without scaling.
+    pub local_rope: bool,
+}
+
+impl Family {
+    fn norm(
+        &self,
+        vb: &candle_nn::VarBuilder,
+        size: usize,
+        eps: f64,
+    ) -> candle_core::Result<RmsNorm> {
+        let w = vb.to_dtype(DType::F32).get(size, "weight")?;
+        let alpha = if self.norm_plus_one { (w + 1.0)? } else { w };
+        Ok(RmsNorm { alpha, eps })
+    }
+
+    /// Builds the decoder from Hugging Face-named weights; `vb` points at
+    /// the checkpoint root (its `model.` and `lm_head.` children).
+    pub fn build(
+        &self,
+        cfg: &super::ModelConfig,
+        vb: candle_nn::VarBuilder,
+    ) -> candle_core::Result<Decoder> {
+        let dev = vb.device().clone();
+        let dtype = vb.dtype();
+        let m = vb.pp("model");
+        let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
+        let (nh, nkv, ff) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+        );
+        let optional = |l: &candle_nn::VarBuilder,
+                        name: Option<&str>|
+         -> candle_core::Result<Option<RmsNorm>> {
+            name.map(|n| self.norm(&l.pp(n), h, eps)).transpose()
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let f = l.pp("mlp");
+            let qk_norm = |n: &str| -> candle_core::Result<Option<RmsNorm>> {
+                if self.qk_norm {
+                    Ok(Some(self.norm(&a.pp(n), hd, eps)?))
+                } else {
+                    Ok(None)
+                }
+            };
+            layers.push(Layer {
+                attn_norm: self.norm(&l.pp("input_layernorm"), h, eps)?,
+                attn_out_norm: optional(&l, self.attn_out_norm)?,
+                mlp_norm: self.norm(&l.pp(self.mlp_norm), h, eps)?,
+                mlp_out_norm: optional(&l, self.mlp_out_norm)?,
+                attn: Attention {
+                    q_proj: linear(&a.pp("q_proj"), nh * hd, h)?,
+                    k_proj: linear(&a.pp("k_proj"), nkv * hd, h)?,
+                    v_proj: linear(&a.pp("v_proj"), nkv * hd, h)?,
+                    o_proj: linear(&a.pp("o_proj"), h, nh * hd)?,
+                    q_norm: qk_norm("q_norm")?,
+                    k_norm: qk_norm("k_norm")?,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(&f.pp("gate_proj"), ff, h)?,
+                    up_proj: linear(&f.pp("up_proj"), ff, h)?,
+                    down_proj: linear(&f.pp("down_proj"), h, ff)?,
+                },
+                sliding: cfg.sliding_layers.get(i).copied().unwrap_or(false),
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            None
+        } else {
+            Some(vb.get((cfg.vocab_size, h), "lm_head.weight")?)
+        };
+        let rotary_global = Rotary::new(hd, cfg.rope_theta, &cfg.rope_scaling, &dev)?;
+        let rotary_local = if self.local_rope {
+            Rotary::new(
+                hd,
+                cfg.rope_local_base_freq,
+                &super::RopeScaling::None,
+                &dev,
+            )?
+        } else {
+            rotary_global.clone()
+        };
+        Ok(Decoder {
+            cfg: cfg.clone(),
+            embed_tokens: m.get((cfg.vocab_size, h), "embed_tokens.weight")?,
+            embed_scale: self.embed_scale.then(|| (h as f64).sqrt()),
+            layers,
+            norm: self.norm(&m.pp("norm"), h, eps)?,
+            lm_head,
+            activation: self.activation,
+            rotary_global,
+            rotary_local,
+            dtype,
+            device: dev,
+        })
+    }
+}
+
 /// The whole decoder stack, architecture-neutral.
 #[derive(Debug, Clone)]
 pub struct Decoder {

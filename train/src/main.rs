@@ -13,7 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use router::cli::{init_tracing, ModelArgs};
+use router::cli::{run_main, ModelArgs};
 use router::router::RouterConfig;
 
 #[derive(Debug, Parser)]
@@ -51,15 +51,8 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let _ = dotenvy::dotenv();
-    init_tracing();
-    match run(Cli::parse()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    // Parsed inside run_main, after .env is read: options fall back to its variables.
+    run_main(|| run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use router::cli::{init_tracing, ModelArgs};
+use router::cli::{run_main, ModelArgs};
 use router::router::{Route, RouterConfig};
 
 #[derive(Debug, Parser)]
@@ -60,16 +60,8 @@ struct RouteLine<'a> {
 }
 
 fn main() -> ExitCode {
-    let _ = dotenvy::dotenv();
-    init_tracing();
-    let cli = Cli::parse();
-    match run(cli) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    // Parsed inside run_main, after .env is read: options fall back to its variables.
+    run_main(|| run(Cli::parse()))
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
