@@ -23,4 +23,15 @@ if [[ "${SMOKE:-0}" == 1 && -x /tmp/bin/bot ]]; then
     bot --base-model tests/fixtures/tiny_gemma3 --no-adapter --device "$dev" route --json --full --max-new-tokens 12 "${msgs[@]}" \
       | python3 -c 'import sys,json; print(sys.argv[1], [json.loads(l)["output"] for l in sys.stdin])' "$dev"
   done
+  # A few training steps on CUDA with the tiny model (backward through every op).
+  if [[ -x /tmp/bin/train ]]; then
+    t=$(mktemp -d)
+    head -n 40 datas/image_call_train.jsonl > "$t/train.jsonl"
+    head -n 8 datas/image_call_test.jsonl > "$t/test.jsonl"
+    for dev in cpu cuda; do
+      train --base-model tests/fixtures/tiny_gemma3 --device "$dev" --train-file "$t/train.jsonl" --test-file "$t/test.jsonl" \
+        --out-dir "$t/$dev" --current "$t/$dev/current" --name smoke --max-steps 3 --lora-r 4 --lora-dropout 0 --no-promote >/dev/null
+      python3 -c 'import sys,json; print(sys.argv[1], [round(json.loads(l)["loss"],5) for l in open(sys.argv[2])])' "$dev" "$t/$dev/smoke/training_log.jsonl"
+    done
+  fi
 fi

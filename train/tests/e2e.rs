@@ -267,3 +267,30 @@ fn interrupted_run_resumes_to_the_same_weights() {
         weights(&s.path("adapters/cut"))
     );
 }
+
+#[test]
+fn training_can_start_from_an_existing_adapter() {
+    let s = Setup::new();
+    ok(&s.train(&["--name", "first", "--no-promote", "--max-steps", "1"]));
+    let first = s.path("adapters/first");
+    let stdout = ok(&s.train(&[
+        "--name",
+        "second",
+        "--no-promote",
+        "--max-steps",
+        "1",
+        "--init-adapter",
+        first.to_str().unwrap(),
+    ]));
+    assert!(stdout.contains("LoRA r=4"), "{stdout}");
+    // It continued from the first adapter's weights, so it differs from a fresh run's.
+    ok(&s.train(&["--name", "fresh", "--no-promote", "--max-steps", "1"]));
+    assert_ne!(
+        weights(&s.path("adapters/second")),
+        weights(&s.path("adapters/fresh"))
+    );
+    assert_eq!(
+        weights(&s.path("adapters/first")),
+        weights(&s.path("adapters/fresh"))
+    );
+}
