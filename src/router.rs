@@ -85,6 +85,7 @@ pub struct Router {
 /// Per-message generation state.
 struct Row {
     generated: Vec<u32>,
+    /// Finished: a stop token, a decided route, or the token budget.
     done: bool,
     /// Tokens to append at the next step.
     next: Vec<u32>,
@@ -196,17 +197,18 @@ impl Router {
         let stops = format.stop_ids.clone();
         let tokenizer = format.tokenizer().clone();
         let mut texts_out = vec![String::new(); n];
+        // Rows still generating; finished rows leave the batch (and the
+        // cache), so a batch of mostly chat costs little after one step.
+        let mut active: Vec<usize> = (0..n).collect();
         let mut first_step = true;
-        while rows.iter().any(|r| !r.done) {
-            let logits = self.step(&mut rows, &mut cache, first_step)?;
+        while !active.is_empty() {
+            let logits = self.step(&mut rows, &active, &mut cache, first_step)?;
             first_step = false;
             let next = logits.argmax(1)?.to_vec1::<u32>()?;
-            for (i, row) in rows.iter_mut().enumerate() {
+            for (k, &i) in active.iter().enumerate() {
+                let row = &mut rows[i];
                 row.next.clear();
-                if row.done {
-                    continue;
-                }
-                let tok = next[i];
+                let tok = next[k];
                 if stops.contains(&tok) {
                     row.done = true;
                     continue;
@@ -234,6 +236,13 @@ impl Router {
                     row.next = pending;
                 }
             }
+            let keep: Vec<usize> = (0..active.len())
+                .filter(|&k| !rows[active[k]].done)
+                .collect();
+            if keep.len() < active.len() && !keep.is_empty() {
+                cache = cache.select(&keep)?;
+            }
+            active = keep.into_iter().map(|k| active[k]).collect();
         }
         Ok(rows
             .into_iter()
@@ -253,16 +262,29 @@ impl Router {
             .collect())
     }
 
-    /// Appends every row's pending tokens (ragged: short rows padded) and
-    /// returns the logits after each row's last real token `[B, vocab]`.
-    /// The first step left-pads so that all prompts end in the last column.
-    fn step(&self, rows: &mut [Row], cache: &mut Cache, left_pad: bool) -> Result<Tensor> {
+    /// Appends the pending tokens of the `active` rows (ragged: short rows
+    /// padded) and returns the logits after each one's last real token
+    /// `[active, vocab]`. The first step left-pads so that all prompts end
+    /// in the last column.
+    fn step(
+        &self,
+        rows: &mut [Row],
+        active: &[usize],
+        cache: &mut Cache,
+        left_pad: bool,
+    ) -> Result<Tensor> {
         let dec = &self.base.decoder;
-        let width = rows.iter().map(|r| r.next.len()).max().unwrap_or(0).max(1);
-        let mut tokens = Vec::with_capacity(rows.len() * width);
-        let mut positions = Vec::with_capacity(rows.len());
-        let mut last = Vec::with_capacity(rows.len());
-        for row in rows.iter_mut() {
+        let width = active
+            .iter()
+            .map(|&i| rows[i].next.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let mut tokens = Vec::with_capacity(active.len() * width);
+        let mut positions = Vec::with_capacity(active.len());
+        let mut last = Vec::with_capacity(active.len());
+        for &i in active {
+            let row = &mut rows[i];
             let pad = width - row.next.len();
             let mut cols: Vec<Option<u32>> = Vec::with_capacity(width);
             let real: Vec<Option<u32>> = (0..row.next.len() as u32)
@@ -284,7 +306,7 @@ impl Router {
             row.next_position += row.next.len() as u32;
             positions.push(cols);
         }
-        let t = Tensor::from_vec(tokens, (rows.len(), width), &dec.device)?;
+        let t = Tensor::from_vec(tokens, (active.len(), width), &dec.device)?;
         let batch = Batch { rows: positions };
         let hidden = dec.forward_hidden(&t, &batch, Some(cache), Mode::Infer)?;
         Ok(dec.logits_at(&hidden, &last)?)

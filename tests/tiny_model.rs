@@ -370,3 +370,35 @@ fn rslora_scaling_is_alpha_over_sqrt_r() {
     cfg.use_rslora = true;
     assert_eq!(cfg.scaling("model.layers.0.self_attn.q_proj", 16), 2.0);
 }
+
+#[test]
+fn dropping_rows_from_a_cache_keeps_the_others_exact() {
+    for arch in ARCHS {
+        let dec = tiny(arch);
+        let prompt: Vec<u32> = [ids(6, 1), ids(6, 2), ids(6, 3)].concat();
+        let t = Tensor::from_vec(prompt, (3, 6), &Device::Cpu).unwrap();
+        let mut cache = Cache::default();
+        dec.forward_hidden(&t, &dense_batch(3, 0, 6), Some(&mut cache), Mode::Infer)
+            .unwrap();
+        let mut kept = cache.select(&[2, 0]).unwrap();
+        // One more token for all three rows, and for the two kept ones.
+        let all = Tensor::new(&[[5u32], [6], [7]], &Device::Cpu).unwrap();
+        let h = dec
+            .forward_hidden(&all, &dense_batch(3, 6, 1), Some(&mut cache), Mode::Infer)
+            .unwrap();
+        let want = dec.logits_at(&h, &[0, 0, 0]).unwrap();
+        let two = Tensor::new(&[[7u32], [5]], &Device::Cpu).unwrap();
+        let h = dec
+            .forward_hidden(&two, &dense_batch(2, 6, 1), Some(&mut kept), Mode::Infer)
+            .unwrap();
+        let got = dec.logits_at(&h, &[0, 0]).unwrap();
+        assert!(
+            max_diff(&got.get(0).unwrap(), &want.get(2).unwrap()) < 1e-5,
+            "{arch:?}"
+        );
+        assert!(
+            max_diff(&got.get(1).unwrap(), &want.get(0).unwrap()) < 1e-5,
+            "{arch:?}"
+        );
+    }
+}

@@ -206,10 +206,12 @@ fn load_hub(id: &str, device: &Device) -> Result<BaseModel> {
             ))
         }
         None => {
-            let api = hf_hub::api::sync::ApiBuilder::from_env()
-                .with_progress(true)
-                .build()
-                .map_err(|e| hub_err(e.to_string()))?;
+            let mut builder = hf_hub::api::sync::ApiBuilder::from_env().with_progress(true);
+            // The cache's token file is read by default; HF_TOKEN overrides it.
+            if let Ok(token) = std::env::var("HF_TOKEN") {
+                builder = builder.with_token(Some(token));
+            }
+            let api = builder.build().map_err(|e| hub_err(e.to_string()))?;
             let repo = api.model(id.to_string());
             let get = |f: &str| repo.get(f).map_err(|e| hub_err(format!("{f}: {e}")));
             let config = get("config.json")?;

@@ -420,6 +420,37 @@ impl Cache {
         self.len() == 0
     }
 
+    /// Keeps only the given rows (by index), in that order.
+    pub fn select(&self, rows: &[usize]) -> candle_core::Result<Self> {
+        let dev = match self.kv.iter().flatten().next() {
+            Some((k, _)) => k.device().clone(),
+            None => Device::Cpu,
+        };
+        let idx = Tensor::from_vec(
+            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
+            rows.len(),
+            &dev,
+        )?;
+        let kv = self
+            .kv
+            .iter()
+            .map(|e| {
+                e.as_ref()
+                    .map(|(k, v)| {
+                        // Concatenation can leave the cache strided.
+                        let pick = |t: &Tensor| t.contiguous()?.index_select(&idx, 0);
+                        Ok::<_, candle_core::Error>((pick(k)?, pick(v)?))
+                    })
+                    .transpose()
+            })
+            .collect::<candle_core::Result<_>>()?;
+        let columns = rows
+            .iter()
+            .map(|&r| self.columns.get(r).cloned().unwrap_or_default())
+            .collect();
+        Ok(Self { kv, columns })
+    }
+
     /// Repeats a batch-of-one cache (a shared prompt prefix) `n` times.
     pub fn repeat(&self, n: usize) -> candle_core::Result<Self> {
         let kv = self

@@ -397,6 +397,12 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
         test_rows.len(),
         router::device::describe(&device)
     );
+    if train.is_empty() {
+        bail!(
+            "no training rows left after tokenizing (all longer than --max-len {}?)",
+            args.max_len
+        );
+    }
     let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let mut lora_cfg = LoraConfig::new(args.r, args.alpha, args.dropout, &targets);
     lora_cfg.use_rslora = args.use_rslora;
