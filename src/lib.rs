@@ -12,6 +12,7 @@
 //!   thread that serves them to async code.
 //! - [`dataset`]: the JSONL conversation schema and routing metrics.
 //! - [`device`]: choosing CPU or CUDA.
+//! - [`cli`]: options and start-up shared by the `bot` and `train` binaries.
 //! - [`error`]: the library's error type.
 
 pub mod cli;

@@ -81,11 +81,13 @@ pub(crate) fn linear(
 /// `x W^T` for `x` of any rank, flattening leading dims into one matmul.
 pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims();
-    let in_features = dims[dims.len() - 1];
-    let rows = x.elem_count() / in_features.max(1);
+    let Some((&in_features, leading)) = dims.split_last() else {
+        candle_core::bail!("matmul_t needs an input of rank >= 1");
+    };
+    let rows = leading.iter().product::<usize>();
     let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("rank >= 1") = w.dim(0)?;
+    let mut out_dims = leading.to_vec();
+    out_dims.push(w.dim(0)?);
     y.reshape(out_dims)
 }
 
