@@ -60,6 +60,16 @@ fn base() -> &'static BaseModel {
     })
 }
 
+/// Final hidden states of one sequence, no cache.
+fn hidden_of(dec: &router::model::Decoder, ids: &[u32]) -> Tensor {
+    let tokens = Tensor::new(ids, &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    dec.forward_hidden(&tokens, &dense_batch(1, 0, ids.len()), None, Mode::Infer)
+        .unwrap()
+}
+
 /// Logits at `position`, checked to have the reference's top-1 token
 /// (`ids[0]`); returns the largest difference from `want` over `ids`.
 fn max_diff_at(
@@ -115,14 +125,7 @@ fn logits_match_transformers() {
             .chain(base().format.tokenizer().encode(&case.text).unwrap())
             .collect();
         assert_eq!(ours, case.ids, "{}", case.text);
-        let n = case.ids.len();
-        let tokens = Tensor::new(case.ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let hidden = dec
-            .forward_hidden(&tokens, &dense_batch(1, 0, n), None, Mode::Infer)
-            .unwrap();
+        let hidden = hidden_of(dec, &case.ids);
         for row in &case.rows {
             let ids = [row.top_ids.as_slice(), &fx.probe_ids].concat();
             let want = [row.top_logits.as_slice(), &row.probe_logits].concat();
@@ -261,14 +264,7 @@ fn shipped_adapter_matches_python_peft() {
     let dec = &base.decoder;
     let mut worst = 0f32;
     for case in &fx.cases {
-        let n = case.ids.len();
-        let tokens = Tensor::new(case.ids.as_slice(), &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        let hidden = dec
-            .forward_hidden(&tokens, &dense_batch(1, 0, n), None, Mode::Infer)
-            .unwrap();
+        let hidden = hidden_of(dec, &case.ids);
         for row in &case.rows {
             let d = max_diff_at(dec, &hidden, row.position, &row.top_ids, &row.top_logits);
             worst = worst.max(d);

@@ -422,6 +422,17 @@ impl Cache {
         self.len() == 0
     }
 
+    /// Applies `f` to every cached key and value tensor.
+    fn map_kv(
+        &self,
+        f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
+    ) -> candle_core::Result<Vec<Option<(Tensor, Tensor)>>> {
+        self.kv
+            .iter()
+            .map(|e| e.as_ref().map(|(k, v)| Ok((f(k)?, f(v)?))).transpose())
+            .collect()
+    }
+
     /// Keeps only the given rows (by index), in that order.
     pub fn select(&self, rows: &[usize]) -> candle_core::Result<Self> {
         let dev = match self.kv.iter().flatten().next() {
@@ -433,19 +444,8 @@ impl Cache {
             rows.len(),
             &dev,
         )?;
-        let kv = self
-            .kv
-            .iter()
-            .map(|e| {
-                e.as_ref()
-                    .map(|(k, v)| {
-                        // Concatenation can leave the cache strided.
-                        let pick = |t: &Tensor| t.contiguous()?.index_select(&idx, 0);
-                        Ok::<_, candle_core::Error>((pick(k)?, pick(v)?))
-                    })
-                    .transpose()
-            })
-            .collect::<candle_core::Result<_>>()?;
+        // Concatenation can leave the cache strided.
+        let kv = self.map_kv(|t| t.contiguous()?.index_select(&idx, 0))?;
         let columns = rows
             .iter()
             .map(|&r| self.columns.get(r).cloned().unwrap_or_default())
@@ -455,20 +455,7 @@ impl Cache {
 
     /// Repeats a batch-of-one cache (a shared prompt prefix) `n` times.
     pub fn repeat(&self, n: usize) -> candle_core::Result<Self> {
-        let kv = self
-            .kv
-            .iter()
-            .map(|e| {
-                e.as_ref()
-                    .map(|(k, v)| {
-                        Ok::<_, candle_core::Error>((
-                            k.repeat((n, 1, 1, 1))?,
-                            v.repeat((n, 1, 1, 1))?,
-                        ))
-                    })
-                    .transpose()
-            })
-            .collect::<candle_core::Result<_>>()?;
+        let kv = self.map_kv(|t| t.repeat((n, 1, 1, 1)))?;
         let columns = (0..n)
             .map(|_| self.columns.first().cloned().unwrap_or_default())
             .collect();
