@@ -5,6 +5,8 @@
 # $OUT (logs, JSON, the trained adapters as a tarball).
 #
 # STEPS (space-separated, default "bench train final"): which parts to run.
+# TRAIN_RUNS: "name:--flag=value,--flag=value ..." runs; BEST: the adapter
+# the final benchmark uses; CPU_BENCH=0 skips the host-CPU benchmark.
 set -euo pipefail
 export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
 OUT=${OUT:-/tmp/out}
@@ -52,6 +54,8 @@ if [[ " $STEPS " == *" final "* ]]; then
   best=${BEST:-$(ls -d /tmp/adapters/gemma3-270m-* | head -n 1)}
   stamp "bench: $best, cuda and cpu"
   bot --adapter "$best" --device cuda bench --limit 600 --batch-sizes 1,8,32 --compare-cpu 200 --out "$OUT/bench_adapter_cuda.json" 2>&1 | tee "$OUT/bench_adapter.txt"
-  bot --adapter "$best" --device cpu bench --limit 100 --batch-sizes 1,8 --out "$OUT/bench_adapter_cpu.json" 2>&1 | tee -a "$OUT/bench_adapter.txt"
+  if [[ "${CPU_BENCH:-1}" == 1 ]]; then
+    bot --adapter "$best" --device cpu bench --limit 100 --batch-sizes 1,8 --out "$OUT/bench_adapter_cpu.json" 2>&1 | tee -a "$OUT/bench_adapter.txt"
+  fi
 fi
 stamp done
