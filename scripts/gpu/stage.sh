@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # On the GPU machine: keep what this call carried in /tmp (which survives
-# between calls while the machine stays warm). Carried paths: chunks of the
-# default model under .stage/ (pip wheels) and xz-compressed CUDA builds of
-# `bot` and `train` under .gpu/. With SMOKE=1, also checks the CUDA build on
-# the tiny fixture model against the CPU.
+# between calls while the machine stays warm). Carried paths: the default
+# model's pip wheels, whole under .stage/ or cut in pieces under
+# .stage/pieces/ (scripts/gpu/cut-chunks.sh: a call carries at most 64 MiB,
+# the working tree included), and xz-compressed CUDA builds of `bot` and
+# `train` under .gpu/. With SMOKE=1, also checks the CUDA build on the tiny
+# fixture model against the CPU.
 set -euo pipefail
 mkdir -p /tmp/stage /tmp/bin
 shopt -s nullglob
 for w in .stage/*.whl; do cp "$w" /tmp/stage/; done
+mkdir -p /tmp/stage/pieces
+for p in .stage/pieces/*; do cp "$p" /tmp/stage/pieces/; done
 for b in .gpu/*.xz; do
   name=$(basename "$b" .xz)
   xz -dc "$b" > "/tmp/bin/$name"
   chmod +x "/tmp/bin/$name"
 done
-echo "staged: $(ls /tmp/stage | tr '\n' ' ')"
+echo "staged: $(ls /tmp/stage /tmp/stage/pieces | tr '\n' ' ')"
 echo "binaries: $(ls /tmp/bin | tr '\n' ' ')"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [[ "${SMOKE:-0}" == 1 && -x /tmp/bin/bot ]]; then
