@@ -219,14 +219,19 @@ impl GgufFile {
             Architecture::Llama
                 if hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight") =>
             {
-                let cfg = self
-                    .config()
-                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                // Only the head counts matter here: read them, not the whole config.
+                let heads = self.md_u("attention.head_count");
                 let heads = if hf.ends_with("q_proj.weight") {
-                    cfg.num_attention_heads
+                    heads
                 } else {
-                    cfg.num_key_value_heads
-                };
+                    self.md_u("attention.head_count_kv").or(heads)
+                }
+                .ok_or_else(|| {
+                    candle_core::Error::Msg(format!(
+                        "{}: GGUF lacks llama.attention.head_count",
+                        self.path.display()
+                    ))
+                })?;
                 unpermute_qk(&t, heads)
             }
             _ => Ok(t),

@@ -289,35 +289,29 @@ impl Family {
             cfg.num_key_value_heads,
             cfg.intermediate_size,
         );
-        let optional = |l: &candle_nn::VarBuilder,
-                        name: Option<&str>|
+        let optional = |vb: &candle_nn::VarBuilder,
+                        name: Option<&str>,
+                        size: usize|
          -> candle_core::Result<Option<RmsNorm>> {
-            name.map(|n| self.norm(&l.pp(n), h, eps)).transpose()
+            name.map(|n| self.norm(&vb.pp(n), size, eps)).transpose()
         };
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp(format!("layers.{i}"));
             let a = l.pp("self_attn");
             let f = l.pp("mlp");
-            let qk_norm = |n: &str| -> candle_core::Result<Option<RmsNorm>> {
-                if self.qk_norm {
-                    Ok(Some(self.norm(&a.pp(n), hd, eps)?))
-                } else {
-                    Ok(None)
-                }
-            };
             layers.push(Layer {
                 attn_norm: self.norm(&l.pp("input_layernorm"), h, eps)?,
-                attn_out_norm: optional(&l, self.attn_out_norm)?,
+                attn_out_norm: optional(&l, self.attn_out_norm, h)?,
                 mlp_norm: self.norm(&l.pp(self.mlp_norm), h, eps)?,
-                mlp_out_norm: optional(&l, self.mlp_out_norm)?,
+                mlp_out_norm: optional(&l, self.mlp_out_norm, h)?,
                 attn: Attention {
                     q_proj: linear(&a.pp("q_proj"), nh * hd, h)?,
                     k_proj: linear(&a.pp("k_proj"), nkv * hd, h)?,
                     v_proj: linear(&a.pp("v_proj"), nkv * hd, h)?,
                     o_proj: linear(&a.pp("o_proj"), h, nh * hd)?,
-                    q_norm: qk_norm("q_norm")?,
-                    k_norm: qk_norm("k_norm")?,
+                    q_norm: optional(&a, self.qk_norm.then_some("q_norm"), hd)?,
+                    k_norm: optional(&a, self.qk_norm.then_some("k_norm"), hd)?,
                 },
                 mlp: Mlp {
                     gate_proj: linear(&f.pp("gate_proj"), ff, h)?,

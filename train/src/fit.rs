@@ -487,9 +487,20 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
     bar.set_position(first_step as u64);
     let mut tokens_seen = 0usize;
     let loop_started = Instant::now();
+    // This epoch's order of the training rows (reshuffled once per epoch).
+    let mut epoch_order: Option<(usize, Vec<usize>)> = None;
     for step in first_step..total {
         let epoch = step / steps_per_epoch;
-        let order = shuffled(train.len(), args.seed.wrapping_add(1 + epoch as u64));
+        if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
+            epoch_order = Some((
+                epoch,
+                shuffled(train.len(), args.seed.wrapping_add(1 + epoch as u64)),
+            ));
+        }
+        let order = epoch_order
+            .as_ref()
+            .map(|(_, o)| o.as_slice())
+            .unwrap_or_default();
         let begin = (step % steps_per_epoch) * per_step;
         let picked: Vec<&Tokenized> = order[begin..(begin + per_step).min(train.len())]
             .iter()
@@ -505,7 +516,7 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
         )?;
         let lr = learning_rate(step, total, warmup, args.lr);
         let dec = &router.base().decoder;
-        let vars = lora::trainable_vars(dec);
+        let vars = opt.vars();
         let mut grads: Vec<Tensor> = Vec::new();
         let mut loss_sum = 0f64;
         for micro in picked.chunks(args.batch_size.max(1)) {

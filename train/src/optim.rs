@@ -52,6 +52,11 @@ impl AdamW {
         })
     }
 
+    /// The variables it updates, in the order `apply` expects gradients.
+    pub fn vars(&self) -> &[Var] {
+        &self.vars
+    }
+
     /// One update with gradients `grads[i]` for `vars[i]` at learning rate `lr`.
     pub fn apply(&mut self, grads: &[Tensor], lr: f64) -> Result<()> {
         self.step += 1;
