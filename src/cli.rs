@@ -1,5 +1,7 @@
 //! Options shared by every binary (`bot`, `train`): base model, adapter,
-//! device, each with an environment-variable equivalent read from `.env`.
+//! device, each with an environment-variable equivalent read from `.env`;
+//! and THE place where default paths are resolved (against the project
+//! home, so the binaries run from any working directory).
 
 use std::path::{Path, PathBuf};
 
@@ -10,17 +12,50 @@ use crate::model::{self, BaseModel};
 use crate::router::{Router, RouterConfig};
 use crate::{Error, Result};
 
-/// The embedded default base model, fetched by `scripts/fetch-model.sh`.
+/// The embedded default base model, fetched by `scripts/fetch-model.sh`
+/// (relative to the home).
 pub const DEFAULT_BASE_MODEL: &str = "model/gemma-3-270m-q4_k_m.gguf";
-/// Where the trained adapter in use lives (a directory or a link to one).
+/// Where the trained adapter in use lives (a directory or a link to one),
+/// relative to the home.
 pub const DEFAULT_ADAPTER: &str = "model/current";
+/// The generator-made test file, relative to the home.
+pub const DEFAULT_TEST_FILE: &str = "datas/image_call_test.jsonl";
+
+/// The project home, against which every default path resolves:
+/// `ROUTER_HOME`, else the nearest folder holding both `model/` and
+/// `datas/`, searched above the current directory, then above the
+/// executable (`target/release/bot` lives inside the checkout); else the
+/// current directory. Paths the user gives are never resolved against it.
+pub fn home() -> PathBuf {
+    if let Some(h) = std::env::var_os("ROUTER_HOME").filter(|h| !h.is_empty()) {
+        return PathBuf::from(h);
+    }
+    let is_home = |p: &Path| p.join("model").is_dir() && p.join("datas").is_dir();
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    let exe = std::env::current_exe().ok();
+    let candidates = cwd
+        .ancestors()
+        .chain(exe.iter().flat_map(|e| e.ancestors().skip(1)));
+    for dir in candidates {
+        if is_home(dir) {
+            return dir.to_path_buf();
+        }
+    }
+    cwd
+}
+
+/// A default path (`model/current`, `datas/...`) under the home.
+pub fn default_path(relative: &str) -> PathBuf {
+    home().join(relative)
+}
 
 /// `--base-model`, `--adapter`, `--device`.
 #[derive(Debug, Clone, Args)]
 pub struct ModelArgs {
-    /// Base model: a .gguf file, a Hugging Face directory, or a hub id.
-    #[arg(long, env = "ROUTER_BASE_MODEL", default_value = DEFAULT_BASE_MODEL, global = true)]
-    pub base_model: String,
+    /// Base model: a .gguf file, a Hugging Face directory, or a hub id
+    /// [default: model/gemma-3-270m-q4_k_m.gguf under the home].
+    #[arg(long, env = "ROUTER_BASE_MODEL", global = true)]
+    pub base_model: Option<String>,
 
     /// LoRA adapter directory (PEFT format). Defaults to model/current when present.
     #[arg(long, env = "ROUTER_ADAPTER", global = true)]
@@ -33,6 +68,12 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N (default: CUDA when built with it and a GPU is present).
     #[arg(long, env = "ROUTER_DEVICE", global = true)]
     pub device: Option<String>,
+
+    /// Route to image when the call opening's probability at the first
+    /// position reaches this (default: the adapter's recorded threshold,
+    /// else the arg-max).
+    #[arg(long, env = "ROUTER_CALL_THRESHOLD", global = true)]
+    pub call_threshold: Option<f32>,
 }
 
 impl ModelArgs {
@@ -42,19 +83,32 @@ impl ModelArgs {
             return None;
         }
         self.adapter.clone().or_else(|| {
-            let p = PathBuf::from(DEFAULT_ADAPTER);
+            let p = default_path(DEFAULT_ADAPTER);
             p.join(crate::lora::CONFIG_FILE).exists().then_some(p)
         })
     }
 
-    /// Loads the base model, fetching the embedded default when missing.
+    /// The base model to load: the given one, else the embedded default.
+    pub fn base_spec(&self) -> String {
+        self.base_model.clone().unwrap_or_else(|| {
+            default_path(DEFAULT_BASE_MODEL)
+                .to_string_lossy()
+                .into_owned()
+        })
+    }
+
+    /// Whether the base model is the embedded default and is missing (the
+    /// binaries then fetch it; the library never downloads on its own).
+    pub fn default_base_missing(&self) -> bool {
+        self.base_model.is_none() && !default_path(DEFAULT_BASE_MODEL).exists()
+    }
+
+    /// Loads the base model.
     pub fn load_base(&self) -> Result<BaseModel> {
         let device = crate::device::select(self.device.as_deref())?;
-        if self.base_model == DEFAULT_BASE_MODEL && !Path::new(DEFAULT_BASE_MODEL).exists() {
-            fetch_default_model()?;
-        }
-        tracing::info!(base = %self.base_model, device = %crate::device::describe(&device), "loading base model");
-        model::load(&self.base_model, &device)
+        let spec = self.base_spec();
+        tracing::info!(base = %spec, device = %crate::device::describe(&device), "loading base model");
+        model::load(&spec, &device)
     }
 
     /// Loads the base model alone into a router (no adapter).
@@ -63,7 +117,8 @@ impl ModelArgs {
     }
 
     /// Loads base model and adapter into a router.
-    pub fn load_router(&self, config: RouterConfig) -> Result<Router> {
+    pub fn load_router(&self, mut config: RouterConfig) -> Result<Router> {
+        config.call_threshold = config.call_threshold.or(self.call_threshold);
         let base = self.load_base()?;
         let mut router = Router::new(base, config)?;
         if let Some(path) = self.adapter_path() {
@@ -75,27 +130,28 @@ impl ModelArgs {
     }
 }
 
-/// Runs `scripts/fetch-model.sh`, which downloads and checks the default model.
+/// Runs the home's `scripts/fetch-model.sh`, which downloads and checks the
+/// default model. Called by the binaries when [`ModelArgs::default_base_missing`].
 pub fn fetch_default_model() -> Result<()> {
-    let script = Path::new("scripts/fetch-model.sh");
+    let home = home();
+    let script = home.join("scripts/fetch-model.sh");
+    let target = home.join(DEFAULT_BASE_MODEL);
     if !script.exists() {
         return Err(Error::NotFound {
-            what: "default base model (and scripts/fetch-model.sh to fetch it; run from the repository root)",
-            path: PathBuf::from(DEFAULT_BASE_MODEL),
+            what: "default base model (and scripts/fetch-model.sh to fetch it; set ROUTER_HOME to the checkout)",
+            path: target,
         });
     }
-    tracing::info!(
-        "{DEFAULT_BASE_MODEL} is missing; fetching it with {}",
-        script.display()
-    );
+    tracing::info!("{} is missing; fetching it with {}", target.display(), script.display());
     let status = std::process::Command::new("bash")
-        .arg(script)
+        .arg(&script)
+        .current_dir(&home)
         .status()
-        .map_err(|e| Error::io(script, e))?;
+        .map_err(|e| Error::io(&script, e))?;
     if !status.success() {
         return Err(Error::NotFound {
             what: "default base model (scripts/fetch-model.sh failed)",
-            path: PathBuf::from(DEFAULT_BASE_MODEL),
+            path: target,
         });
     }
     Ok(())
@@ -104,7 +160,10 @@ pub fn fetch_default_model() -> Result<()> {
 /// The body of every binary's `main`: reads `.env`, sets up logging, runs
 /// `run`, and prints an error with its whole chain (`{:#}`) on failure.
 pub fn run_main(run: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitCode {
+    // `.env` from the current directory (or above), then the home's: a
+    // variable already set is never overridden.
     let _ = dotenvy::dotenv();
+    let _ = dotenvy::from_path(home().join(".env"));
     init_tracing();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,

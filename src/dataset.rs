@@ -133,25 +133,53 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Example>> {
     Ok(out)
 }
 
+/// Is this row a retraction (`meta.retracted: true`, written by the bot
+/// when a moderator takes a flag back)? Such a row is never trained on.
+pub fn is_retraction(ex: &Example) -> bool {
+    ex.meta
+        .as_ref()
+        .and_then(|m| m.get("retracted"))
+        .and_then(serde_json::Value::as_bool)
+        == Some(true)
+}
+
 /// Reads several files in order; a later row with the same user text
 /// replaces the earlier one (a moderator's correction wins), keeping the
 /// earlier row's place.
+///
+/// A retraction row undoes the latest row for its text from the same flagged
+/// message (same `meta.user_message_id`; the latest row when the retraction
+/// names none): the text falls back to the row before that one, and
+/// disappears when there is none. The retraction itself is never a row.
 pub fn read_merged(paths: &[PathBuf]) -> Result<Vec<Example>> {
-    let mut rows: Vec<Example> = Vec::new();
+    // Per text, every row still in force, oldest first: undoing the last
+    // must bring back the one it replaced (curated data, an older flag).
+    let mut rows: Vec<Vec<Example>> = Vec::new();
     let mut index = std::collections::HashMap::new();
     for p in paths {
         for ex in read_jsonl(p)? {
-            let key = ex.user.trim().to_string();
-            match index.get(&key) {
-                Some(&i) => rows[i] = ex,
-                None => {
-                    index.insert(key, rows.len());
-                    rows.push(ex);
+            let slot = *index.entry(ex.user.trim().to_string()).or_insert_with(|| {
+                rows.push(Vec::new());
+                rows.len() - 1
+            });
+            let history = &mut rows[slot];
+            if is_retraction(&ex) {
+                let message = |e: &Example| e.meta.as_ref()?.get("user_message_id").cloned();
+                let undone = match message(&ex) {
+                    Some(id) => history
+                        .iter()
+                        .rposition(|e| message(e).as_ref() == Some(&id)),
+                    None => history.len().checked_sub(1),
+                };
+                if let Some(i) = undone {
+                    history.remove(i);
                 }
+            } else {
+                history.push(ex);
             }
         }
     }
-    Ok(rows)
+    Ok(rows.into_iter().filter_map(|mut h| h.pop()).collect())
 }
 
 /// Precision, recall and F1 of the "call" class.
@@ -259,6 +287,61 @@ mod tests {
     }
 
     #[test]
+    fn retractions_remove_the_row_they_undo_and_are_never_trained_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let row = |u: &str, a: &str, retracted: bool| {
+            let conv = Conversation {
+                messages: vec![
+                    Message {
+                        role: "user".into(),
+                        content: u.into(),
+                    },
+                    Message {
+                        role: "assistant".into(),
+                        content: a.into(),
+                    },
+                ],
+                meta: Some(serde_json::json!({
+                    "source": "discord", "user_message_id": "1", "retracted": retracted,
+                })),
+            };
+            serde_json::to_string(&conv).unwrap() + "\n"
+        };
+        let call = "call(\"generate_image\", {\"prompt\": \"a cat\"})";
+        let a = row("draw a cat", call, false);
+        let undo = row("draw a cat", call, true);
+        let other = row("hello", "hi", false);
+        let merged = |text: String| {
+            let p = dir.path().join("f.jsonl");
+            std::fs::write(&p, text).unwrap();
+            read_merged(&[p]).unwrap()
+        };
+
+        // A, then its retraction: the text is gone.
+        let rows = merged(a.clone() + &other + &undo);
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].user, "hello");
+
+        // A, retraction, A again: one live row, not the retraction.
+        let rows = merged(a.clone() + &undo + &a);
+        assert_eq!(rows.len(), 1);
+        assert!(!is_retraction(&rows[0]));
+        assert!(rows[0].is_call());
+
+        // Curated data comes back when the correction of it is retracted.
+        let base = dir.path().join("base.jsonl");
+        std::fs::write(&base, "{\"messages\":[{\"role\":\"user\",\"content\":\"draw a cat\"},{\"role\":\"assistant\",\"content\":\"no\"}]}\n").unwrap();
+        let fb = dir.path().join("fb.jsonl");
+        std::fs::write(&fb, a + &undo).unwrap();
+        let rows = read_merged(&[base.clone(), fb]).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(
+            (rows[0].source.clone(), rows[0].assistant.as_str()),
+            (base, "no")
+        );
+    }
+
+    #[test]
     fn metrics() {
         let mut c = Confusion::default();
         for (g, p) in [
@@ -277,3 +360,7 @@ mod tests {
         );
     }
 }
+
+/// Situations (`meta.kind`) kept out of every training file, so that the
+/// natural test file measures generalisation to situations never seen.
+pub const HELD_OUT_KINDS: [&str; 3] = ["dreams", "sports", "science-space"];

@@ -8,20 +8,42 @@
 //! - [`tokenizer`]: `tokenizer.json`, or SentencePiece BPE rebuilt from GGUF.
 //! - [`lora`]: PEFT-compatible LoRA adapters (load, apply/merge, init, save).
 //! - [`prompt`]: THE prompt format and THE strict call parser.
-//! - [`router`]: batched, early-stopping routing decisions, and the engine
-//!   thread that serves them to async code.
+//! - [`router`]: batched, early-stopping routing decisions.
+//! - [`engine`]: the routing thread and its queue, serving async callers.
 //! - [`dataset`]: the JSONL conversation schema and routing metrics.
 //! - [`device`]: choosing CPU or CUDA.
-//! - [`cli`]: options and start-up shared by the `bot` and `train` binaries.
+//! - [`cli`]: options and start-up shared by the `bot` and `train` binaries,
+//!   and the one place default paths are resolved.
 //! - [`error`]: the library's error type.
+//!
+//! The bot (feature `bot`, on by default; `train` builds without it):
+//! - [`config`]: the bot's settings from flags, the environment and `.env`.
+//! - [`adapters`]: the `model/current` link: reload and watch for promotions.
+//! - [`backends`]: HTTP clients for the image and chat backends.
+//! - [`feedback`]: the routing record (SQLite) and the append-only JSONL logs.
+//! - [`respond`]: the transport-neutral pipeline (route, answer, flags).
+//! - [`discord`]: serenity glue: events, commands, replies.
 
+#[cfg(feature = "bot")]
+pub mod adapters;
+#[cfg(feature = "bot")]
+pub mod backends;
 pub mod cli;
+#[cfg(feature = "bot")]
+pub mod config;
 pub mod dataset;
 pub mod device;
+#[cfg(feature = "bot")]
+pub mod discord;
+pub mod engine;
 pub mod error;
+#[cfg(feature = "bot")]
+pub mod feedback;
 pub mod lora;
 pub mod model;
 pub mod prompt;
+#[cfg(feature = "bot")]
+pub mod respond;
 pub mod router;
 pub mod tokenizer;
 

@@ -8,12 +8,15 @@
 //! step instead of one token per step. The system prompt's keys/values are
 //! computed once per adapter and shared by every batch.
 //!
-//! [`Engine`] runs a router on its own thread and serves async callers
-//! through a channel, batching whatever requests are waiting; model work
-//! never runs on the async runtime.
+//! The first generated position also yields the probability of the call
+//! opening: with a `call_threshold` the route is decided by that probability
+//! instead of by the arg-max, trading recall for precision on purpose.
+//! [`Router::extract_prompts`] forces the call opening and lets the model
+//! write only the prompt (a moderator said "this should have been a picture").
+//!
+//! The engine thread that serves async callers lives in [`crate::engine`].
 
 use std::path::PathBuf;
-use std::time::Instant;
 
 use candle_core::Tensor;
 use serde::Serialize;
@@ -42,6 +45,8 @@ pub struct Decision {
     pub output: String,
     /// Tokens generated (forced call-opening tokens included).
     pub new_tokens: usize,
+    /// Probability of the call opening at the first generated position.
+    pub call_probability: f32,
 }
 
 /// Knobs of the decision procedure.
@@ -57,6 +62,9 @@ pub struct RouterConfig {
     pub max_batch: usize,
     /// User text is cut to this many tokens (Discord messages are short).
     pub max_input_tokens: usize,
+    /// Decide the route by the call opening's probability at the first
+    /// position (call when `>=` this) instead of by the arg-max token.
+    pub call_threshold: Option<f32>,
 }
 
 impl Default for RouterConfig {
@@ -67,6 +75,7 @@ impl Default for RouterConfig {
             force_call_prefix: true,
             max_batch: 16,
             max_input_tokens: 1024,
+            call_threshold: None,
         }
     }
 }
@@ -82,6 +91,15 @@ pub struct Router {
     call_prefix_ids: Vec<u32>,
 }
 
+/// How the first token of a reply is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Opening {
+    /// By the model (arg-max, or the call threshold when one is set).
+    Free,
+    /// The call opening is forced: only the prompt is generated.
+    Call,
+}
+
 /// Per-message generation state.
 struct Row {
     generated: Vec<u32>,
@@ -95,6 +113,11 @@ struct Row {
 impl Router {
     pub fn new(base: BaseModel, config: RouterConfig) -> Result<Self> {
         let call_prefix_ids = base.format.call_prefix_ids()?;
+        if call_prefix_ids.is_empty() {
+            return Err(Error::Tokenizer(
+                "the call opening tokenizes to nothing".into(),
+            ));
+        }
         Ok(Self {
             base,
             config,
@@ -165,14 +188,60 @@ impl Router {
 
     /// Routes several messages, `config.max_batch` per forward batch.
     pub fn route_batch(&mut self, texts: &[&str]) -> Result<Vec<Decision>> {
+        self.decide_batch(texts, Opening::Free)
+    }
+
+    /// The image prompt the model writes for each message once the call
+    /// opening is forced: what the user asked to see, in their words.
+    /// An empty prompt (the model closed the call at once) is `None`.
+    pub fn extract_prompts(&mut self, texts: &[&str]) -> Result<Vec<Option<String>>> {
+        Ok(self
+            .decide_batch(texts, Opening::Call)?
+            .into_iter()
+            .map(|d| d.prompt)
+            .collect())
+    }
+
+    fn decide_batch(&mut self, texts: &[&str], opening: Opening) -> Result<Vec<Decision>> {
         let mut out = Vec::with_capacity(texts.len());
         for chunk in texts.chunks(self.config.max_batch.max(1)) {
-            out.extend(self.route_chunk(chunk)?);
+            out.extend(self.route_chunk(chunk, opening)?);
         }
         Ok(out)
     }
 
-    fn route_chunk(&mut self, texts: &[&str]) -> Result<Vec<Decision>> {
+    /// The first token of each active row: the arg-max, unless the call
+    /// threshold or a forced opening overrides it. Also returns the call
+    /// opening's probability per row.
+    fn first_tokens(&self, logits: &Tensor, opening: Opening) -> Result<(Vec<u32>, Vec<f32>)> {
+        let call = self.call_prefix_ids[0];
+        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(candle_core::DType::F32)?)?;
+        let p_call = probs.narrow(1, call as usize, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+        let mut tokens = logits.argmax(1)?.to_vec1::<u32>()?;
+        for (k, tok) in tokens.iter_mut().enumerate() {
+            let want_call = match (opening, self.config.call_threshold) {
+                (Opening::Call, _) => true,
+                (Opening::Free, Some(t)) => p_call[k] >= t,
+                (Opening::Free, None) => continue,
+            };
+            if want_call {
+                *tok = call;
+            } else if *tok == call {
+                // Below the threshold: the best token that does not open a call.
+                let row = probs.get(k)?.to_vec1::<f32>()?;
+                *tok = row
+                    .iter()
+                    .enumerate()
+                    .filter(|&(i, _)| i as u32 != call)
+                    .max_by(|a, b| a.1.total_cmp(b.1))
+                    .map(|(i, _)| i as u32)
+                    .unwrap_or(call);
+            }
+        }
+        Ok((tokens, p_call))
+    }
+
+    fn route_chunk(&mut self, texts: &[&str], opening: Opening) -> Result<Vec<Decision>> {
         let (prefix_len, prefix) = self.prefix_cache()?;
         let n = texts.len();
         let mut cache = prefix.repeat(n)?;
@@ -201,10 +270,19 @@ impl Router {
         // cache), so a batch of mostly chat costs little after one step.
         let mut active: Vec<usize> = (0..n).collect();
         let mut first_step = true;
+        let mut call_probability = vec![0f32; n];
         while !active.is_empty() {
             let logits = self.step(&mut rows, &active, &mut cache, first_step)?;
+            let next = if first_step {
+                let (tokens, p_call) = self.first_tokens(&logits, opening)?;
+                for (k, &i) in active.iter().enumerate() {
+                    call_probability[i] = p_call[k];
+                }
+                tokens
+            } else {
+                logits.argmax(1)?.to_vec1::<u32>()?
+            };
             first_step = false;
-            let next = logits.argmax(1)?.to_vec1::<u32>()?;
             for (k, &i) in active.iter().enumerate() {
                 let row = &mut rows[i];
                 row.next.clear();
@@ -247,7 +325,8 @@ impl Router {
         Ok(rows
             .into_iter()
             .zip(texts_out)
-            .map(|(row, output)| {
+            .zip(call_probability)
+            .map(|((row, output), call_probability)| {
                 let (route, prompt) = match parse_reply(&output) {
                     Reply::Call { prompt } => (Route::Image, Some(prompt)),
                     Reply::Chat(_) => (Route::Chat, None),
@@ -257,6 +336,7 @@ impl Router {
                     prompt,
                     output,
                     new_tokens: row.generated.len(),
+                    call_probability,
                 }
             })
             .collect())
@@ -310,104 +390,5 @@ impl Router {
         let batch = Batch { rows: positions };
         let hidden = dec.forward_hidden(&t, &batch, Some(cache), Mode::Infer)?;
         Ok(dec.logits_at(&hidden, &last)?)
-    }
-}
-
-/// A request to the engine thread.
-enum Request {
-    Route {
-        text: String,
-        reply: tokio::sync::oneshot::Sender<Result<(Decision, f64)>>,
-    },
-    SetAdapter {
-        adapter: Option<PathBuf>,
-        reply: tokio::sync::oneshot::Sender<Result<()>>,
-    },
-}
-
-/// Handle to a router running on its own thread; cheap to clone and safe to
-/// use from async code (requests are queued, never run on the caller).
-#[derive(Clone)]
-pub struct Engine {
-    tx: std::sync::mpsc::Sender<Request>,
-}
-
-impl Engine {
-    /// Moves `router` onto a new thread. Requests that arrive while a batch
-    /// runs are decided together in the next batch.
-    pub fn spawn(mut router: Router) -> Result<Self> {
-        let (tx, rx) = std::sync::mpsc::channel::<Request>();
-        std::thread::Builder::new()
-            .name("router-engine".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut waiting = vec![first];
-                    while waiting.len() < router.config.max_batch {
-                        match rx.try_recv() {
-                            Ok(r) => waiting.push(r),
-                            Err(_) => break,
-                        }
-                    }
-                    let mut texts = Vec::new();
-                    let mut replies = Vec::new();
-                    for req in waiting {
-                        match req {
-                            Request::Route { text, reply } => {
-                                texts.push(text);
-                                replies.push(reply);
-                            }
-                            Request::SetAdapter { adapter, reply } => {
-                                let result = match adapter {
-                                    Some(p) => {
-                                        Adapter::load(&p).and_then(|a| router.set_adapter(Some(&a)))
-                                    }
-                                    None => router.set_adapter(None),
-                                };
-                                let _ = reply.send(result);
-                            }
-                        }
-                    }
-                    if texts.is_empty() {
-                        continue;
-                    }
-                    let started = Instant::now();
-                    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
-                    match router.route_batch(&refs) {
-                        Ok(decisions) => {
-                            let ms = started.elapsed().as_secs_f64() * 1e3;
-                            for (d, reply) in decisions.into_iter().zip(replies) {
-                                let _ = reply.send(Ok((d, ms)));
-                            }
-                        }
-                        Err(e) => {
-                            let msg = e.to_string();
-                            tracing::error!(error = %msg, "routing batch failed");
-                            for reply in replies {
-                                let _ = reply.send(Err(Error::Engine(msg.clone())));
-                            }
-                        }
-                    }
-                }
-            })
-            .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
-        Ok(Self { tx })
-    }
-
-    /// Routes one message; returns the decision and the batch's wall time in ms.
-    pub async fn route(&self, text: String) -> Result<(Decision, f64)> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Request::Route { text, reply })
-            .map_err(|_| Error::EngineStopped)?;
-        rx.await.map_err(|_| Error::EngineStopped)?
-    }
-
-    /// Loads and merges a new adapter (or none) between batches.
-    pub async fn set_adapter(&self, adapter: Option<PathBuf>) -> Result<()> {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        self.tx
-            .send(Request::SetAdapter { adapter, reply })
-            .map_err(|_| Error::EngineStopped)?;
-        rx.await.map_err(|_| Error::EngineStopped)?
     }
 }

@@ -7,7 +7,8 @@ mod common;
 use std::path::PathBuf;
 
 use candle_core::Device;
-use router::router::{Engine, Router, RouterConfig};
+use router::engine::Engine;
+use router::router::{Router, RouterConfig};
 
 fn router() -> Router {
     let base =
@@ -49,9 +50,10 @@ async fn concurrent_requests_match_direct_routing_and_adapters_swap() {
         })
         .collect();
     for (h, w) in handles.into_iter().zip(&want) {
-        let (got, ms) = h.await.unwrap().unwrap();
-        assert_eq!(&got, w);
-        assert!(ms >= 0.0);
+        let routed = h.await.unwrap().unwrap();
+        assert_eq!(&routed.decision, w);
+        assert!(routed.batch_ms >= 0.0);
+        assert_eq!(routed.adapter, None);
     }
     assert_eq!(ticker.await.unwrap(), 5);
 
@@ -62,10 +64,13 @@ async fn concurrent_requests_match_direct_routing_and_adapters_swap() {
     adapted
         .set_adapter(Some(&router::lora::Adapter::load(&adapter).unwrap()))
         .unwrap();
-    let (got, _) = engine.route(texts[0].clone()).await.unwrap();
-    assert_eq!(got, adapted.route(&texts[0]).unwrap());
+    let routed = engine.route(texts[0].clone()).await.unwrap();
+    assert_eq!(routed.decision, adapted.route(&texts[0]).unwrap());
+    // The record names the resolved directory.
+    assert_eq!(routed.adapter, Some(std::fs::canonicalize(&adapter).unwrap()));
+    assert_eq!(engine.adapter(), routed.adapter);
     engine.set_adapter(None).await.unwrap();
-    assert_eq!(engine.route(texts[0].clone()).await.unwrap().0, want[0]);
+    assert_eq!(engine.route(texts[0].clone()).await.unwrap().decision, want[0]);
 
     // A bad adapter is refused and the engine keeps serving.
     let err = engine
@@ -73,5 +78,53 @@ async fn concurrent_requests_match_direct_routing_and_adapters_swap() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
-    assert_eq!(engine.route(texts[1].clone()).await.unwrap().0, want[1]);
+    assert_eq!(engine.route(texts[1].clone()).await.unwrap().decision, want[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_queued_before_a_swap_are_decided_by_the_adapter_live_when_they_arrived() {
+    let adapter = PathBuf::from("tests/fixtures/tiny_gemma3/adapter");
+    let resolved = std::fs::canonicalize(&adapter).unwrap();
+    let engine = Engine::spawn(router()).unwrap();
+    // Queue messages, then a swap, then more messages, all before the engine
+    // can finish the first batch.
+    let before: Vec<_> = (0..6)
+        .map(|i| {
+            let e = engine.clone();
+            tokio::spawn(async move { e.route(format!("draw a dog {i}")).await })
+        })
+        .collect();
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    engine.set_adapter(Some(adapter)).await.unwrap();
+    let after = engine.route("draw a dog 7".into()).await.unwrap();
+    for h in before {
+        assert_eq!(h.await.unwrap().unwrap().adapter, None);
+    }
+    assert_eq!(after.adapter, Some(resolved));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn forced_prompt_extraction_and_call_threshold() {
+    // Threshold 0: every message opens a call; threshold above 1: none does.
+    let mut always = router();
+    always.config.call_threshold = Some(0.0);
+    let mut never = router();
+    never.config.call_threshold = Some(1.01);
+    let texts = ["hello there", "draw a cat", "what is a fox"];
+    let free = router().route_batch(&texts).unwrap();
+    for (d, f) in always.route_batch(&texts).unwrap().iter().zip(&free) {
+        assert!(d.output.starts_with("call("), "{d:?}");
+        assert!((d.call_probability - f.call_probability).abs() < 1e-6);
+        assert!((0.0..=1.0).contains(&d.call_probability));
+    }
+    for d in never.route_batch(&texts).unwrap() {
+        assert!(!d.output.starts_with("call"), "{d:?}");
+    }
+    // Forced extraction writes only the prompt; the engine serves it too.
+    let mut r = router();
+    let direct = r.extract_prompts(&texts).unwrap();
+    let engine = Engine::spawn(router()).unwrap();
+    for (t, want) in texts.iter().zip(direct) {
+        assert_eq!(engine.extract_prompt(t.to_string()).await.unwrap(), want);
+    }
 }

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use router::cli::{run_main, ModelArgs};
-use router::router::RouterConfig;
+use router::router::{Route, RouterConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,10 +35,13 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Route every row of a test file and report precision, recall and F1.
+    /// Route every row of the test files and report precision, recall and F1.
     Eval {
-        #[arg(long, default_value = "datas/image_call_test.jsonl")]
-        test_file: PathBuf,
+        /// Test files (repeatable) [default: datas/image_call_test.jsonl and
+        /// datas/image_call_natural_test.jsonl under the home]. The last line
+        /// is the metrics line over all of them.
+        #[arg(long = "test-file")]
+        test_files: Vec<PathBuf>,
         /// Write one JSON line per row: text, gold, pred, output, prompt.
         #[arg(long)]
         predictions: Option<PathBuf>,
@@ -56,6 +59,9 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
+    if !matches!(cli.command, Some(Command::Expand(_))) && cli.model.default_base_missing() {
+        router::cli::fetch_default_model()?;
+    }
     match cli.command {
         None => {
             fit::run(&cli.model, cli.fit)?;
@@ -63,11 +69,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Some(Command::Expand(args)) => expand::run(args),
         Some(Command::Eval {
-            test_file,
+            test_files,
             predictions,
             batch,
         }) => {
-            let rows = router::dataset::read_jsonl(&test_file).context("reading the test file")?;
+            let test_files = if test_files.is_empty() {
+                eval::default_test_files()
+            } else {
+                test_files
+            };
+            let mut sets = Vec::new();
+            for f in &test_files {
+                let rows = router::dataset::read_jsonl(f)
+                    .with_context(|| format!("reading the test file {}", f.display()))?;
+                sets.push((f.clone(), rows));
+            }
             let mut router = cli
                 .model
                 .load_router(RouterConfig {
@@ -79,11 +95,27 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 Some(a) => println!("adapter: {}", a.display()),
                 None => println!("adapter: none (bare base model)"),
             }
-            let report = eval::evaluate(&mut router, &rows, batch)?;
-            if let Some(p) = predictions {
-                eval::write_predictions(&report, &p)?;
+            let mut out = std::io::stdout();
+            let mut all = Vec::new();
+            let mut overall = router::dataset::Confusion::default();
+            for (file, rows) in &sets {
+                let report = eval::evaluate(&mut router, rows, batch)?;
+                if sets.len() > 1 {
+                    println!("== {}", file.display());
+                }
+                eval::print_report(&report, &mut out)?;
+                for p in &report.predictions {
+                    overall.add(p.gold == Route::Image, p.pred == Route::Image);
+                }
+                all.extend(report.predictions);
             }
-            eval::print_report(&report, &mut std::io::stdout())?;
+            if let Some(p) = predictions {
+                eval::write_predictions(&all, &p)?;
+            }
+            if sets.len() > 1 {
+                println!("== all test files");
+                println!("{}", overall.metrics_line());
+            }
             Ok(())
         }
     }

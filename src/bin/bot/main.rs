@@ -1,7 +1,12 @@
-//! The `bot` binary. `bot route` decides, for each message given as an
-//! argument or read line by line from stdin, between an image call and chat.
+//! The `bot` binary: `bot` / `bot serve` runs the Discord bot, `bot
+//! console` the same pipeline on the terminal, `bot route` prints the
+//! router's decisions, `bot bench` measures them. One file per subcommand;
+//! this one only dispatches.
 
+mod app;
 mod bench;
+mod console;
+mod serve;
 
 use std::io::{BufRead, IsTerminal, Write};
 use std::process::ExitCode;
@@ -10,6 +15,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use router::cli::{run_main, ModelArgs};
+use router::config::BotArgs;
 use router::router::{Route, RouterConfig};
 
 #[derive(Debug, Parser)]
@@ -22,12 +28,19 @@ struct Cli {
     #[command(flatten)]
     model: ModelArgs,
 
+    #[command(flatten)]
+    bot: BotArgs,
+
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Connect to Discord and route every message (the default).
+    Serve,
+    /// The bot's pipeline on the terminal: a message per line, `/flag image|chat`.
+    Console,
     /// Route messages: one JSON object per message on stdout.
     Route {
         /// JSON lines even on a terminal (the default when piped).
@@ -65,7 +78,15 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {
+    let command = cli.command.unwrap_or(Command::Serve);
+    if matches!(command, Command::Route { .. } | Command::Bench(_))
+        && cli.model.default_base_missing()
+    {
+        router::cli::fetch_default_model()?;
+    }
+    match command {
+        Command::Serve => serve::run(&cli.model, &cli.bot),
+        Command::Console => console::run(&cli.model, &cli.bot),
         Command::Bench(args) => bench::run(&cli.model, args),
         Command::Route {
             json,

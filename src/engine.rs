@@ -1,0 +1,199 @@
+//! The routing engine: a [`Router`] on its own thread, fed by a queue, so
+//! that model work never runs on the async runtime.
+//!
+//! Requests are served in arrival order. Consecutive routing requests that
+//! are waiting are decided together in one batch; an adapter swap waits its
+//! turn in the same queue, so every message is decided by the adapter that
+//! was live when it arrived. Adapters are read and checked off the routing
+//! thread (`spawn_blocking`); the routing thread only merges the loaded
+//! weights, which takes milliseconds.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::mpsc::{Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use tokio::sync::oneshot;
+
+use crate::lora::Adapter;
+use crate::router::{Decision, Router};
+use crate::{Error, Result};
+
+/// One routed message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Routed {
+    pub decision: Decision,
+    /// Wall time of the batch the message was decided in, in milliseconds.
+    pub batch_ms: f64,
+    /// The adapter directory that decided it (resolved, never a link), if any.
+    pub adapter: Option<PathBuf>,
+}
+
+/// A request to the engine thread.
+enum Request {
+    Route {
+        text: String,
+        reply: oneshot::Sender<Result<Routed>>,
+    },
+    ExtractPrompt {
+        text: String,
+        reply: oneshot::Sender<Result<Option<String>>>,
+    },
+    /// An adapter already loaded (or `None` for the bare base model).
+    Swap {
+        adapter: Option<Box<Adapter>>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+/// Handle to the engine thread; cheap to clone, safe to use from async code.
+/// The thread stops when the last handle is dropped.
+#[derive(Clone)]
+pub struct Engine {
+    tx: Sender<Request>,
+    /// The adapter live now, for status reports (`/router-stats`).
+    live: Arc<Mutex<Option<PathBuf>>>,
+}
+
+impl Engine {
+    /// Moves `router` onto a new thread.
+    pub fn spawn(router: Router) -> Result<Self> {
+        let (tx, rx) = std::sync::mpsc::channel::<Request>();
+        let live = Arc::new(Mutex::new(router.adapter().cloned()));
+        let shared = live.clone();
+        std::thread::Builder::new()
+            .name("router-engine".into())
+            .spawn(move || serve(router, rx, shared))
+            .map_err(|e| Error::Engine(format!("cannot start the engine thread: {e}")))?;
+        Ok(Self { tx, live })
+    }
+
+    /// Routes one message.
+    pub async fn route(&self, text: String) -> Result<Routed> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Route { text, reply })?;
+        rx.await.map_err(|_| Error::EngineStopped)?
+    }
+
+    /// The prompt the model writes for `text` when the call is forced (what
+    /// the user asked to see); `None` when it writes an empty one.
+    pub async fn extract_prompt(&self, text: String) -> Result<Option<String>> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::ExtractPrompt { text, reply })?;
+        rx.await.map_err(|_| Error::EngineStopped)?
+    }
+
+    /// Loads `adapter` (or none) off the routing thread, then swaps it in
+    /// after every message queued before this call. A broken adapter is
+    /// refused and the live one keeps serving. Must be called inside a
+    /// tokio runtime.
+    pub async fn set_adapter(&self, adapter: Option<PathBuf>) -> Result<()> {
+        let loaded = match adapter {
+            Some(path) => {
+                // The resolved directory, so that the record names the
+                // version (`model/current` is a link that moves).
+                let load = tokio::task::spawn_blocking(move || {
+                    let dir = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+                    Adapter::load(&dir)
+                });
+                let adapter = load
+                    .await
+                    .map_err(|e| Error::Engine(format!("adapter loader failed: {e}")))??;
+                Some(Box::new(adapter))
+            }
+            None => None,
+        };
+        let (reply, rx) = oneshot::channel();
+        self.send(Request::Swap {
+            adapter: loaded,
+            reply,
+        })?;
+        rx.await.map_err(|_| Error::EngineStopped)?
+    }
+
+    /// The adapter deciding messages now.
+    pub fn adapter(&self) -> Option<PathBuf> {
+        self.live.lock().map(|a| a.clone()).unwrap_or(None)
+    }
+
+    fn send(&self, request: Request) -> Result<()> {
+        self.tx.send(request).map_err(|_| Error::EngineStopped)
+    }
+}
+
+/// The engine thread's loop: wait for a request, take whatever else is
+/// waiting, serve it all in order, repeat until every handle is gone.
+fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathBuf>>>) {
+    let mut queue = VecDeque::new();
+    while let Ok(first) = rx.recv() {
+        queue.push_back(first);
+        queue.extend(rx.try_iter());
+        while let Some(request) = queue.pop_front() {
+            match request {
+                Request::Route { text, reply } => {
+                    let mut batch = vec![(text, reply)];
+                    while batch.len() < router.config.max_batch.max(1) {
+                        match queue.pop_front() {
+                            Some(Request::Route { text, reply }) => batch.push((text, reply)),
+                            Some(other) => {
+                                queue.push_front(other);
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    route_batch(&mut router, batch);
+                }
+                Request::ExtractPrompt { text, reply } => {
+                    let prompt = router
+                        .extract_prompts(&[text.as_str()])
+                        .map(|mut p| p.pop().flatten());
+                    let _ = reply.send(prompt);
+                }
+                Request::Swap { adapter, reply } => {
+                    let result = router.set_adapter(adapter.as_deref());
+                    match &result {
+                        Ok(()) => {
+                            let now = router.adapter().cloned();
+                            tracing::info!(adapter = ?now, "adapter swapped in");
+                            if let Ok(mut l) = live.lock() {
+                                *l = now;
+                            }
+                        }
+                        Err(e) => tracing::error!(error = %e, "adapter refused; the previous one keeps serving"),
+                    }
+                    let _ = reply.send(result);
+                }
+            }
+        }
+    }
+}
+
+/// Decides one batch and answers each caller; a failed batch fails each of
+/// its callers with the same one-line error, and the engine goes on.
+fn route_batch(router: &mut Router, batch: Vec<(String, oneshot::Sender<Result<Routed>>)>) {
+    let started = Instant::now();
+    let texts: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
+    let result = router.route_batch(&texts);
+    let batch_ms = started.elapsed().as_secs_f64() * 1e3;
+    let adapter = router.adapter().cloned();
+    match result {
+        Ok(decisions) => {
+            for (decision, (_, reply)) in decisions.into_iter().zip(batch) {
+                let _ = reply.send(Ok(Routed {
+                    decision,
+                    batch_ms,
+                    adapter: adapter.clone(),
+                }));
+            }
+        }
+        Err(e) => {
+            let msg = e.to_string();
+            tracing::error!(error = %msg, "routing batch failed");
+            for (_, reply) in batch {
+                let _ = reply.send(Err(Error::Engine(msg.clone())));
+            }
+        }
+    }
+}
