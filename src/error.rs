@@ -34,13 +34,57 @@ pub enum Error {
     #[error("invalid model {path}: {message}")]
     InvalidModel { path: PathBuf, message: String },
 
+    /// A required field, metadata key or tensor is absent from a file.
+    #[error("{path} lacks `{key}`")]
+    MissingKey { path: PathBuf, key: String },
+
+    /// A file asks for a setting this crate does not implement.
+    #[error("{path}: {setting} `{value}` is not supported ({supported})")]
+    Unsupported {
+        path: PathBuf,
+        setting: &'static str,
+        value: String,
+        supported: String,
+    },
+
     /// The tokenizer could not be built or used.
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    /// The adapter cannot be applied to this base model (shapes, keys, options).
+    /// The adapter's files are unusable (missing, unsupported options, stray keys).
     #[error("adapter {path}: {message}")]
     Adapter { path: PathBuf, message: String },
+
+    /// An adapter's weights do not fit the base model's projection.
+    #[error(
+        "adapter {path}: shape mismatch at `{module}`: adapter has lora_A {lora_a:?} and lora_B \
+         {lora_b:?}, the base model's weight is {weight:?} (expected lora_A [r, {}], lora_B [{}, r]); \
+         the adapter was trained for another base model",
+        .weight[1],
+        .weight[0]
+    )]
+    AdapterShape {
+        path: PathBuf,
+        module: String,
+        lora_a: Vec<usize>,
+        lora_b: Vec<usize>,
+        weight: [usize; 2],
+    },
+
+    /// An adapter key names a module the base model does not have.
+    #[error(
+        "adapter {path}: `{module}` matches no module of this base model (its modules look like \
+         `{example}`); was the adapter trained for another model?"
+    )]
+    AdapterModule {
+        path: PathBuf,
+        module: String,
+        example: String,
+    },
+
+    /// `target_modules` is an invalid pattern or selects nothing.
+    #[error("target_modules {targets}: {message}")]
+    TargetModules { targets: String, message: String },
 
     /// The requested device does not exist or this build cannot use it.
     #[error("device `{requested}`: {message}")]

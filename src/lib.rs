@@ -2,16 +2,18 @@
 //! each message, between an image-generation call and a plain chat answer.
 //!
 //! # Layout
-//! - [`model`]: configuration, the one decoder implementation (Gemma-3,
-//!   Llama-3) used for inference and training, loading from GGUF,
-//!   safetensors directories and hub ids.
+//! - [`model`]: configuration, one file per architecture family (defaults,
+//!   GGUF names and weight fixes), the one decoder (used for inference and
+//!   training), adapted linear layers with their LoRA runtime, batches and
+//!   the KV cache, loading from GGUF, safetensors directories and hub ids.
 //! - [`tokenizer`]: `tokenizer.json`, or SentencePiece BPE rebuilt from GGUF.
-//! - [`lora`]: PEFT-compatible LoRA adapters (load, apply/merge, init, save).
+//! - [`lora`]: PEFT-compatible LoRA adapters (config, files, apply, init, save).
 //! - [`prompt`]: THE prompt format and THE strict call parser.
 //! - [`router`]: batched, early-stopping routing decisions.
 //! - [`engine`]: the routing thread and its queue, serving async callers.
 //! - [`dataset`]: the JSONL conversation schema and routing metrics.
 //! - [`device`]: choosing CPU or CUDA.
+//! - [`rng`]: the seeded generator every random draw uses (no global state).
 //! - [`cli`]: options and start-up shared by the `bot` and `train` binaries,
 //!   and the one place default paths are resolved.
 //! - [`error`]: the library's error type.
@@ -44,6 +46,7 @@ pub mod model;
 pub mod prompt;
 #[cfg(feature = "bot")]
 pub mod respond;
+pub mod rng;
 pub mod router;
 pub mod tokenizer;
 

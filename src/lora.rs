@@ -1,4 +1,6 @@
-//! LoRA adapters in PEFT's on-disk format.
+//! LoRA adapters in PEFT's on-disk format: the config, the files, and
+//! attaching them to a model. The run-time side (forward, merge, dropout)
+//! lives with the layer it adapts, in `model/linear.rs`.
 //!
 //! `y = base(x) + scaling · B(A(dropout(x)))`, scaling `alpha / r` (or
 //! `alpha / sqrt(r)` with rsLoRA); only the adapter term is scaled. A is
@@ -13,12 +15,12 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::model::transformer::{Decoder, Linear, Mode};
+use crate::model::{Decoder, Lora};
+use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
 /// File names inside an adapter directory.
@@ -43,9 +45,9 @@ impl TargetModules {
                 .any(|n| module == n || module.ends_with(&format!(".{n}"))),
             TargetModules::Pattern(p) if p == "all-linear" => true,
             TargetModules::Pattern(p) => regex::Regex::new(&format!("^(?:{p})$"))
-                .map_err(|e| Error::Adapter {
-                    path: PathBuf::new(),
-                    message: format!("target_modules regex `{p}`: {e}"),
+                .map_err(|e| Error::TargetModules {
+                    targets: format!("{self:?}"),
+                    message: format!("invalid regex: {e}"),
                 })?
                 .is_match(module),
         })
@@ -161,51 +163,6 @@ impl LoraConfig {
     }
 }
 
-/// The trainable pair of one adapted projection.
-#[derive(Debug, Clone)]
-pub struct Lora {
-    /// `[r, in]`, f32.
-    pub a: Var,
-    /// `[out, r]`, f32.
-    pub b: Var,
-    pub scaling: f64,
-    pub dropout: f64,
-}
-
-impl Lora {
-    /// `scaling · B A x` in f32 (`x` of any leading shape).
-    pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
-        let x = if mode == Mode::Train && self.dropout > 0.0 {
-            dropout(&x, self.dropout)?
-        } else {
-            x
-        };
-        let h = crate::model::transformer::matmul_t(&x, self.a.as_tensor())?;
-        crate::model::transformer::matmul_t(&h, self.b.as_tensor())? * self.scaling
-    }
-
-    /// `scaling · B A`, the weight delta, `[out, in]` in f32.
-    pub fn delta(&self) -> candle_core::Result<Tensor> {
-        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling
-    }
-}
-
-impl Linear {
-    /// Folds the adapter into `merged` (base weight untouched).
-    pub fn merge(&mut self) -> candle_core::Result<()> {
-        self.merged = match &self.lora {
-            Some(l) => {
-                let w = self.weight.to_dtype(DType::F32)?;
-                let delta = l.delta()?.to_device(w.device())?;
-                Some((w + delta)?.to_dtype(self.weight.dtype())?)
-            }
-            None => None,
-        };
-        Ok(())
-    }
-}
-
 /// An adapter read from disk: config plus `(A, B)` per module path.
 #[derive(Debug, Clone)]
 pub struct Adapter {
@@ -299,48 +256,41 @@ impl Adapter {
     /// shape must fit, or nothing is changed.
     pub fn apply(&self, decoder: &mut Decoder, merge: bool) -> Result<()> {
         let dev = decoder.device.clone();
-        let names: Vec<String> = decoder.linears().map(|l| l.name.clone()).collect();
+        let names: Vec<String> = decoder.linears().map(|l| l.name().to_string()).collect();
         let mut pending: HashMap<&str, Lora> = HashMap::new();
         for (module, (a, b)) in &self.weights {
-            let linear = decoder.linears().find(|l| &l.name == module).ok_or_else(|| {
-                adapter_err(
-                    &self.path,
-                    format!(
-                        "`{module}` matches no module of this base model (its modules look like `{}`); \
-                         was the adapter trained for another model?",
-                        names.first().map(String::as_str).unwrap_or("?")
-                    ),
-                )
-            })?;
+            let linear = decoder
+                .linears()
+                .find(|l| l.name() == module)
+                .ok_or_else(|| Error::AdapterModule {
+                    path: self.path.clone(),
+                    module: module.clone(),
+                    example: names.first().map_or("?", String::as_str).to_string(),
+                })?;
             let (out, inp) = linear.shape();
             let (ra, ia) = a.dims2()?;
             let (ob, rb) = b.dims2()?;
             if ia != inp || ra != rb || ob != out {
-                return Err(adapter_err(
-                    &self.path,
-                    format!(
-                        "shape mismatch at `{module}`: adapter has lora_A {:?} and lora_B {:?}, \
-                         the base model's weight is {:?} (expected lora_A [r, {inp}], lora_B [{out}, r]); \
-                         the adapter was trained for another base model",
-                        a.dims(),
-                        b.dims(),
-                        [out, inp]
-                    ),
-                ));
+                return Err(Error::AdapterShape {
+                    path: self.path.clone(),
+                    module: module.clone(),
+                    lora_a: a.dims().to_vec(),
+                    lora_b: b.dims().to_vec(),
+                    weight: [out, inp],
+                });
             }
             pending.insert(
                 module.as_str(),
-                Lora {
-                    a: Var::from_tensor(&a.to_device(&dev)?)?,
-                    b: Var::from_tensor(&b.to_device(&dev)?)?,
-                    scaling: self.config.scaling(module, ra),
-                    dropout: self.config.lora_dropout,
-                },
+                Lora::new(
+                    Var::from_tensor(&a.to_device(&dev)?)?,
+                    Var::from_tensor(&b.to_device(&dev)?)?,
+                    self.config.scaling(module, ra),
+                    self.config.lora_dropout,
+                ),
             );
         }
         for linear in decoder.linears_mut() {
-            linear.lora = pending.remove(linear.name.as_str());
-            linear.merged = None;
+            linear.set_lora(pending.remove(linear.name()));
             if merge {
                 linear.merge()?;
             }
@@ -355,38 +305,35 @@ pub fn init(decoder: &mut Decoder, config: &LoraConfig, seed: u64) -> Result<usi
     let mut rng = SplitMix64(seed);
     let mut count = 0;
     for linear in decoder.linears_mut() {
-        linear.merged = None;
-        if !config.target_modules.matches(&linear.name)? {
-            linear.lora = None;
+        if !config.target_modules.matches(linear.name())? {
+            linear.set_lora(None);
             continue;
         }
         let (out, inp) = linear.shape();
         let r = config
             .rank_pattern
             .iter()
-            .find(|(k, _)| linear.name.ends_with(&format!(".{k}")))
+            .find(|(k, _)| linear.name().ends_with(&format!(".{k}")))
             .map(|(_, r)| *r)
             .unwrap_or(config.r);
         let bound = 1.0 / (inp as f64).sqrt();
         let a: Vec<f32> = (0..r * inp)
             .map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32)
             .collect();
-        let dev = linear.weight.device();
-        linear.lora = Some(Lora {
-            a: Var::from_tensor(&Tensor::from_vec(a, (r, inp), dev)?)?,
-            b: Var::zeros((out, r), DType::F32, dev)?,
-            scaling: config.scaling(&linear.name, r),
-            dropout: config.lora_dropout,
-        });
+        let dev = linear.weight().device();
+        let lora = Lora::new(
+            Var::from_tensor(&Tensor::from_vec(a, (r, inp), dev)?)?,
+            Var::zeros((out, r), DType::F32, dev)?,
+            config.scaling(linear.name(), r),
+            config.lora_dropout,
+        );
+        linear.set_lora(Some(lora));
         count += 1;
     }
     if count == 0 {
-        return Err(Error::Adapter {
-            path: PathBuf::new(),
-            message: format!(
-                "target_modules {:?} match no module of this model",
-                config.target_modules
-            ),
+        return Err(Error::TargetModules {
+            targets: format!("{:?}", config.target_modules),
+            message: "match no module of this model".into(),
         });
     }
     Ok(count)
@@ -394,24 +341,18 @@ pub fn init(decoder: &mut Decoder, config: &LoraConfig, seed: u64) -> Result<usi
 
 /// The trainable variables (A then B of every adapted module).
 pub fn trainable_vars(decoder: &Decoder) -> Vec<Var> {
-    decoder
-        .linears()
-        .filter_map(|l| l.lora.as_ref())
-        .flat_map(|l| [l.a.clone(), l.b.clone()])
-        .collect()
+    decoder.lora_vars()
 }
 
 /// Writes the decoder's adapter as a PEFT directory (created if needed).
 pub fn save(decoder: &Decoder, config: &LoraConfig, dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let mut tensors = HashMap::new();
-    for l in decoder.linears() {
-        if let Some(lora) = &l.lora {
-            let a = lora.a.as_tensor().to_device(&Device::Cpu)?;
-            let b = lora.b.as_tensor().to_device(&Device::Cpu)?;
-            tensors.insert(format!("{KEY_PREFIX}{}.lora_A.weight", l.name), a);
-            tensors.insert(format!("{KEY_PREFIX}{}.lora_B.weight", l.name), b);
-        }
+    for (name, lora) in decoder.loras() {
+        let a = lora.a().as_tensor().to_device(&Device::Cpu)?;
+        let b = lora.b().as_tensor().to_device(&Device::Cpu)?;
+        tensors.insert(format!("{KEY_PREFIX}{name}.lora_A.weight"), a);
+        tensors.insert(format!("{KEY_PREFIX}{name}.lora_B.weight"), b);
     }
     if tensors.is_empty() {
         return Err(adapter_err(dir, "the model has no adapter to save"));
@@ -424,55 +365,4 @@ pub fn save(decoder: &Decoder, config: &LoraConfig, dir: &Path) -> Result<()> {
         serde_json::to_string_pretty(config).map_err(|e| adapter_err(&c_path, e.to_string()))?;
     std::fs::write(&c_path, text).map_err(|e| Error::io(&c_path, e))?;
     Ok(())
-}
-
-/// Seed of the CPU dropout masks; each mask draws the next stream.
-static DROPOUT_SEED: AtomicU64 = AtomicU64::new(0);
-static DROPOUT_CALLS: AtomicU64 = AtomicU64::new(0);
-
-/// Makes training dropout reproducible: CUDA's generator is seeded, and CPU
-/// masks come from a seeded counter-based stream (candle's CPU generator
-/// cannot be seeded).
-pub fn seed_dropout(device: &Device, seed: u64) -> Result<()> {
-    if !device.is_cpu() {
-        device.set_seed(seed)?;
-    }
-    DROPOUT_SEED.store(seed, Ordering::SeqCst);
-    DROPOUT_CALLS.store(0, Ordering::SeqCst);
-    Ok(())
-}
-
-/// Inverted dropout: zeroes each element with probability `p`, scales the
-/// rest by `1 / (1 - p)`.
-fn dropout(x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
-    if !x.device().is_cpu() {
-        return candle_nn::ops::dropout(x, p as f32);
-    }
-    let call = DROPOUT_CALLS.fetch_add(1, Ordering::SeqCst);
-    let mut rng =
-        SplitMix64(DROPOUT_SEED.load(Ordering::SeqCst) ^ call.wrapping_mul(0xA24B_AED4_963E_E407));
-    let keep = (1.0 / (1.0 - p)) as f32;
-    let mask: Vec<f32> = (0..x.elem_count())
-        .map(|_| if rng.next_f64() < p { 0.0 } else { keep })
-        .collect();
-    x * Tensor::from_vec(mask, x.shape(), x.device())?
-}
-
-/// Small deterministic generator for initialisation (no global RNG state).
-#[derive(Debug, Clone)]
-pub struct SplitMix64(pub u64);
-
-impl SplitMix64 {
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1).
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
-    }
 }

@@ -22,8 +22,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::lora::Adapter;
-use crate::model::transformer::{Batch, Cache, Mode};
-use crate::model::BaseModel;
+use crate::model::{dense_batch, BaseModel, Batch, Cache, Mode};
 use crate::prompt::{parse_reply, progress, Progress, Reply};
 use crate::{Error, Result};
 
@@ -152,10 +151,7 @@ impl Router {
                 self.adapter = Some(a.path.clone());
             }
             None => {
-                for l in self.base.decoder.linears_mut() {
-                    l.lora = None;
-                    l.merged = None;
-                }
+                self.base.decoder.clear_adapter();
                 self.adapter = None;
             }
         }
@@ -172,7 +168,7 @@ impl Router {
         let ids = self.base.format.prefix_ids()?;
         let dec = &self.base.decoder;
         let tokens = Tensor::new(ids.as_slice(), &dec.device)?.unsqueeze(0)?;
-        let batch = crate::model::transformer::dense_batch(1, 0, ids.len());
+        let batch = dense_batch(1, 0, ids.len());
         let mut cache = Cache::default();
         dec.forward_hidden(&tokens, &batch, Some(&mut cache), Mode::Infer)?;
         let out = (ids.len(), cache.clone());

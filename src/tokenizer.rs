@@ -96,33 +96,13 @@ impl Tokenizer {
                  use a Hugging Face directory with tokenizer.json instead"
             )));
         }
-        let tokens: Vec<String> = get("tokenizer.ggml.tokens")?
-            .to_vec()
-            .map_err(tok_err)?
-            .iter()
-            .map(|v| v.to_string().cloned())
-            .collect::<candle_core::Result<_>>()
-            .map_err(tok_err)?;
-        let scores: Vec<f32> = match md.get("tokenizer.ggml.scores") {
-            Some(v) => v
-                .to_vec()
-                .map_err(tok_err)?
-                .iter()
-                .map(|v| v.to_f32())
-                .collect::<candle_core::Result<_>>()
-                .map_err(tok_err)?,
-            None => vec![0.0; tokens.len()],
-        };
-        let types: Vec<i32> = match md.get("tokenizer.ggml.token_type") {
-            Some(v) => v
-                .to_vec()
-                .map_err(tok_err)?
-                .iter()
-                .map(|v| v.to_i32())
-                .collect::<candle_core::Result<_>>()
-                .map_err(tok_err)?,
-            None => vec![token_type::NORMAL; tokens.len()],
-        };
+        let tokens: Vec<String> =
+            md_array(md, "tokenizer.ggml.tokens", |v| v.to_string().cloned())?
+                .ok_or_else(|| Error::Tokenizer("GGUF lacks `tokenizer.ggml.tokens`".into()))?;
+        let scores: Vec<f32> = md_array(md, "tokenizer.ggml.scores", |v| v.to_f32())?
+            .unwrap_or_else(|| vec![0.0; tokens.len()]);
+        let types: Vec<i32> = md_array(md, "tokenizer.ggml.token_type", |v| v.to_i32())?
+            .unwrap_or_else(|| vec![token_type::NORMAL; tokens.len()]);
         if scores.len() != tokens.len() || types.len() != tokens.len() {
             return Err(Error::Tokenizer(format!(
                 "GGUF has {} tokens but {} scores and {} types",
@@ -251,6 +231,26 @@ impl Tokenizer {
     }
 }
 
+/// The GGUF metadata array `key` with every value converted by `f`, or
+/// `None` when the key is absent.
+fn md_array<T>(
+    md: &std::collections::HashMap<String, gguf_file::Value>,
+    key: &str,
+    f: impl Fn(&gguf_file::Value) -> candle_core::Result<T>,
+) -> Result<Option<Vec<T>>> {
+    let Some(value) = md.get(key) else {
+        return Ok(None);
+    };
+    let bad = |e: candle_core::Error| Error::Tokenizer(format!("GGUF `{key}`: {e}"));
+    let items = value.to_vec().map_err(bad)?;
+    items
+        .iter()
+        .map(&f)
+        .collect::<candle_core::Result<_>>()
+        .map(Some)
+        .map_err(bad)
+}
+
 /// The `tokenizers` crate's vocabulary map type (an `AHashMap`).
 mod ahash_map {
     pub type Vocab = tokenizers::models::bpe::Vocab;
@@ -261,6 +261,8 @@ mod tests {
     use super::*;
 
     /// A toy vocabulary where the score order decides between two segmentations.
+    /// It stays beside the code (unit tests cannot reach `tests/common`, home
+    /// of the fixture models' toy): its scores are chosen for these cases.
     fn toy() -> Tokenizer {
         let pieces = [
             ("<pad>", 0.0, 3),

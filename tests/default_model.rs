@@ -9,8 +9,7 @@
 use std::sync::OnceLock;
 
 use candle_core::{Device, Tensor};
-use router::model::transformer::{dense_batch, Batch, Cache, Mode};
-use router::model::{self, BaseModel};
+use router::model::{self, dense_batch, BaseModel, Batch, Cache, Mode};
 use router::router::{Router, RouterConfig};
 use serde::Deserialize;
 

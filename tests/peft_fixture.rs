@@ -7,8 +7,7 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor};
 use router::lora::{self, Adapter};
-use router::model::transformer::{dense_batch, Decoder, Mode};
-use router::model::{decoder_from_safetensors, ModelConfig};
+use router::model::{decoder_from_safetensors, dense_batch, Decoder, Mode, ModelConfig};
 use serde::Deserialize;
 
 #[derive(Deserialize)]

@@ -1,16 +1,25 @@
 //! Numerical properties of the decoder and LoRA on tiny random-weight
 //! Gemma-3 and Llama configurations built in the test.
 
+mod common;
+
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
+use common::{random_decoder, tiny_config};
 use router::lora::{self, Adapter, LoraConfig};
-use router::model::transformer::{dense_batch, Batch, Cache, Decoder, Mode};
-use router::model::{random_decoder, Architecture, ModelConfig};
+use router::model::{dense_batch, Architecture, Batch, Cache, Decoder, Dropout, Mode};
+use router::rng::SplitMix64;
 
 const ARCHS: [Architecture; 2] = [Architecture::Gemma3, Architecture::Llama];
 
 fn tiny(arch: Architecture) -> Decoder {
-    random_decoder(&ModelConfig::tiny(arch), 7, &Device::Cpu).unwrap()
+    random_decoder(&tiny_config(arch), 7, &Device::Cpu)
+}
+
+/// A training-mode generator; the tests' adapters have no dropout, so it
+/// never draws.
+fn no_dropout() -> Dropout {
+    Dropout::new(&Device::Cpu, 0).unwrap()
 }
 
 fn ids(n: usize, salt: u32) -> Vec<u32> {
@@ -49,14 +58,15 @@ fn full_logits(dec: &Decoder, seq: &[u32], mode: Mode) -> Tensor {
 fn adapted(arch: Architecture, cfg: &LoraConfig) -> Decoder {
     let mut dec = tiny(arch);
     lora::init(&mut dec, cfg, 3).unwrap();
-    let mut rng = lora::SplitMix64(11);
-    for l in dec.linears_mut() {
-        if let Some(lr) = &l.lora {
-            let (o, r) = lr.b.as_tensor().dims2().unwrap();
+    let mut rng = SplitMix64(11);
+    for l in dec.linears() {
+        if let Some(lr) = l.lora() {
+            let (o, r) = lr.b().as_tensor().dims2().unwrap();
             let v: Vec<f32> = (0..o * r)
                 .map(|_| (rng.next_f64() as f32 - 0.5) * 0.5)
                 .collect();
-            lr.b.set(&Tensor::from_vec(v, (o, r), &Device::Cpu).unwrap())
+            lr.b()
+                .set(&Tensor::from_vec(v, (o, r), &Device::Cpu).unwrap())
                 .unwrap();
         }
     }
@@ -147,7 +157,7 @@ fn training_ops_equal_inference_ops() {
         let seq = ids(9, 5);
         let d = max_diff(
             &full_logits(&dec, &seq, Mode::Infer),
-            &full_logits(&dec, &seq, Mode::Train),
+            &full_logits(&dec, &seq, Mode::Train(&no_dropout())),
         );
         assert!(d < 1e-4, "{arch:?}: {d}");
     }
@@ -211,7 +221,7 @@ fn gradients_reach_only_lora_weights() {
     for arch in ARCHS {
         let dec = adapted(arch, &qkvo());
         let seq = ids(6, 8);
-        let logits = full_logits(&dec, &seq, Mode::Train);
+        let logits = full_logits(&dec, &seq, Mode::Train(&no_dropout()));
         let targets = Tensor::new(&ids(6, 9)[..], &Device::Cpu).unwrap();
         let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
         let grads: GradStore = loss.backward().unwrap();
@@ -233,12 +243,12 @@ fn gradients_reach_only_lora_weights() {
         // Frozen base weights get no gradient.
         for l in dec.linears() {
             assert!(
-                grads.get(&l.weight).is_none(),
+                grads.get(l.weight()).is_none(),
                 "{arch:?}: {} has a gradient",
-                l.name
+                l.name()
             );
         }
-        assert!(grads.get(&dec.embed_tokens).is_none());
+        assert!(grads.get(dec.embed_tokens()).is_none());
     }
 }
 
@@ -249,12 +259,18 @@ fn gradients_match_finite_differences() {
     let seq = ids(5, 2);
     let targets = Tensor::new(&ids(5, 3)[..], &Device::Cpu).unwrap();
     let loss_of = |d: &Decoder| {
-        let l = full_logits(d, &seq, Mode::Train);
+        let l = full_logits(d, &seq, Mode::Train(&no_dropout()));
         candle_nn::loss::cross_entropy(&l, &targets).unwrap()
     };
     let loss = loss_of(&dec);
     let grads = loss.backward().unwrap();
-    let var = dec.layers[1].attn.v_proj.lora.as_ref().unwrap().b.clone();
+    let var = dec
+        .linears()
+        .find(|l| l.name() == "model.layers.1.self_attn.v_proj")
+        .and_then(|l| l.lora())
+        .unwrap()
+        .b()
+        .clone();
     let analytic = grads
         .get(var.as_tensor())
         .unwrap()
@@ -292,9 +308,9 @@ fn save_with(dec: &Decoder, cfg: &LoraConfig) -> tempfile::TempDir {
 
 #[test]
 fn adapter_for_another_shape_is_refused_naming_tensor_and_shapes() {
-    let mut other_cfg = ModelConfig::tiny(Architecture::Gemma3);
+    let mut other_cfg = tiny_config(Architecture::Gemma3);
     other_cfg.hidden_size = 48;
-    let mut other = random_decoder(&other_cfg, 1, &Device::Cpu).unwrap();
+    let mut other = random_decoder(&other_cfg, 1, &Device::Cpu);
     lora::init(&mut other, &qkvo(), 1).unwrap();
     let dir = save_with(&other, &qkvo());
     let err = Adapter::load(dir.path())

@@ -1,10 +1,14 @@
 //! Model hyper-parameters, read from a Hugging Face `config.json` or from GGUF
 //! metadata, normalised into one [`ModelConfig`] that both architectures use.
+//! What a checkpoint leaves out is filled from its [`Family`]'s defaults.
+
+use std::path::Path;
 
 use serde::Deserialize;
 
+use super::family::Family;
+use super::{gemma3, llama};
 use crate::{Error, Result};
-use std::path::Path;
 
 /// The decoder families this crate implements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,18 +20,30 @@ pub enum Architecture {
 }
 
 impl Architecture {
-    /// Names accepted in `config.json` (`model_type`) and GGUF (`general.architecture`).
-    pub const SUPPORTED: &'static str = "gemma3, gemma3_text, llama";
+    pub const ALL: [Architecture; 2] = [Architecture::Gemma3, Architecture::Llama];
 
-    pub fn from_name(name: &str) -> Result<Self> {
-        match name {
-            "gemma3" | "gemma3_text" => Ok(Self::Gemma3),
-            "llama" => Ok(Self::Llama),
-            other => Err(Error::UnsupportedArchitecture {
-                found: other.to_string(),
-                supported: Self::SUPPORTED.to_string(),
-            }),
+    /// What the architecture file says about this family.
+    pub fn family(self) -> &'static Family {
+        match self {
+            Architecture::Gemma3 => &gemma3::FAMILY,
+            Architecture::Llama => &llama::FAMILY,
         }
+    }
+
+    /// From a name in `config.json` (`model_type`) or GGUF (`general.architecture`).
+    pub fn from_name(name: &str) -> Result<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|a| a.family().names.contains(&name))
+            .ok_or_else(|| Error::UnsupportedArchitecture {
+                found: name.to_string(),
+                supported: Self::ALL
+                    .iter()
+                    .flat_map(|a| a.family().names)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 }
 
@@ -122,10 +138,10 @@ struct RawConfig {
     hidden_act: Option<String>,
 }
 
-fn missing(path: &Path, field: &str) -> Error {
-    Error::InvalidModel {
+fn missing(path: &Path, field: &'static str) -> Error {
+    Error::MissingKey {
         path: path.to_path_buf(),
-        message: format!("config.json lacks `{field}`"),
+        key: field.to_string(),
     }
 }
 
@@ -172,28 +188,27 @@ impl ModelConfig {
             .or(outer_type)
             .or_else(|| {
                 raw.architectures.as_ref().and_then(|a| a.first()).map(|a| {
-                    if a.starts_with("Gemma3") {
-                        "gemma3".to_string()
-                    } else if a.starts_with("Llama") {
-                        "llama".to_string()
-                    } else {
-                        a.clone()
-                    }
+                    Architecture::ALL
+                        .iter()
+                        .map(|arch| arch.family())
+                        .find(|f| a.starts_with(f.class_prefix))
+                        .map_or_else(|| a.clone(), |f| f.gguf_name().to_string())
                 })
             })
             .ok_or_else(|| missing(path, "model_type"))?;
         let architecture = Architecture::from_name(&model_type)?;
-        let gemma = architecture == Architecture::Gemma3;
+        let family = architecture.family();
 
         for act in [&raw.hidden_activation, &raw.hidden_act]
             .into_iter()
             .flatten()
         {
-            let expected = if gemma { "gelu_pytorch_tanh" } else { "silu" };
-            if act != expected {
-                return Err(Error::InvalidModel {
+            if act != family.activation_name {
+                return Err(Error::Unsupported {
                     path: path.to_path_buf(),
-                    message: format!("activation `{act}` is not supported ({expected} expected)"),
+                    setting: "activation",
+                    value: act.clone(),
+                    supported: family.activation_name.to_string(),
                 });
             }
         }
@@ -210,13 +225,18 @@ impl ModelConfig {
         let head_dim = raw
             .head_dim
             .unwrap_or(hidden_size / num_attention_heads.max(1));
-        let sliding_window = if gemma { raw.sliding_window } else { None };
-        let sliding_layers = match (&raw.layer_types, sliding_window) {
-            (_, None) => vec![false; num_hidden_layers],
-            (Some(types), Some(_)) => types.iter().map(|t| t == "sliding_attention").collect(),
-            (None, Some(_)) => {
-                gemma3_sliding_layers(num_hidden_layers, raw.sliding_window_pattern.unwrap_or(6))
-            }
+        let sliding_window = family.sliding_window_pattern.and(raw.sliding_window);
+        let sliding_layers = match (
+            &raw.layer_types,
+            sliding_window,
+            family.sliding_window_pattern,
+        ) {
+            (Some(types), Some(_), _) => types.iter().map(|t| t == "sliding_attention").collect(),
+            (None, Some(_), Some(pattern)) => Family::sliding_layers(
+                num_hidden_layers,
+                raw.sliding_window_pattern.unwrap_or(pattern),
+            ),
+            _ => vec![false; num_hidden_layers],
         };
         if sliding_layers.len() != num_hidden_layers {
             return Err(Error::InvalidModel {
@@ -243,9 +263,11 @@ impl ModelConfig {
                 },
                 Some("default") | None => RopeScaling::None,
                 Some(other) => {
-                    return Err(Error::InvalidModel {
+                    return Err(Error::Unsupported {
                         path: path.to_path_buf(),
-                        message: format!("rope_scaling type `{other}` is not supported"),
+                        setting: "rope_scaling type",
+                        value: other.to_string(),
+                        supported: "default, linear, llama3".to_string(),
                     })
                 }
             },
@@ -261,66 +283,25 @@ impl ModelConfig {
             num_attention_heads,
             num_key_value_heads: raw.num_key_value_heads.unwrap_or(num_attention_heads),
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps.unwrap_or(1e-6),
-            rope_theta: raw
-                .rope_theta
-                .unwrap_or(if gemma { 1_000_000.0 } else { 10_000.0 }),
-            rope_local_base_freq: raw.rope_local_base_freq.unwrap_or(10_000.0),
+            rms_norm_eps: raw.rms_norm_eps.unwrap_or(family.rms_norm_eps),
+            rope_theta: raw.rope_theta.unwrap_or(family.rope_theta),
+            rope_local_base_freq: raw
+                .rope_local_base_freq
+                .unwrap_or(family.rope_local_base_freq),
             rope_scaling,
             sliding_window,
             sliding_layers,
             query_pre_attn_scalar: raw.query_pre_attn_scalar.unwrap_or(head_dim as f64),
             attn_logit_softcapping: raw.attn_logit_softcapping,
             final_logit_softcapping: raw.final_logit_softcapping,
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(gemma),
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(32_768),
+            tie_word_embeddings: raw
+                .tie_word_embeddings
+                .unwrap_or(family.tie_word_embeddings),
+            max_position_embeddings: raw
+                .max_position_embeddings
+                .unwrap_or(family.max_position_embeddings),
         })
     }
-
-    /// A small random-weight-friendly configuration for tests.
-    pub fn tiny(architecture: Architecture) -> Self {
-        let gemma = architecture == Architecture::Gemma3;
-        Self {
-            architecture,
-            vocab_size: 97,
-            hidden_size: 32,
-            intermediate_size: 48,
-            num_hidden_layers: 3,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 8,
-            rms_norm_eps: 1e-6,
-            rope_theta: if gemma { 1_000_000.0 } else { 500_000.0 },
-            rope_local_base_freq: 10_000.0,
-            rope_scaling: if gemma {
-                RopeScaling::None
-            } else {
-                RopeScaling::Llama3 {
-                    factor: 8.0,
-                    low_freq_factor: 1.0,
-                    high_freq_factor: 4.0,
-                    original_max_position_embeddings: 16,
-                }
-            },
-            sliding_window: gemma.then_some(4),
-            sliding_layers: if gemma {
-                vec![true, false, true]
-            } else {
-                vec![false; 3]
-            },
-            query_pre_attn_scalar: 8.0,
-            attn_logit_softcapping: None,
-            final_logit_softcapping: None,
-            tie_word_embeddings: gemma,
-            max_position_embeddings: 256,
-        }
-    }
-}
-
-/// Gemma-3's default layer pattern: every `pattern`-th layer is global.
-pub fn gemma3_sliding_layers(layers: usize, pattern: usize) -> Vec<bool> {
-    let pattern = pattern.max(1);
-    (0..layers).map(|i| (i + 1) % pattern != 0).collect()
 }
 
 #[cfg(test)]

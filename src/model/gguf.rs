@@ -2,10 +2,10 @@
 //! mapped back to the Hugging Face layout (names and conventions), served to
 //! the model builders through a candle `VarBuilder` backend.
 //!
-//! Conventions undone (llama.cpp's `convert_hf_to_gguf.py`):
-//! - Gemma-3 stores every norm weight as `w + 1`; we subtract 1.
-//! - Llama permutes q/k rows for its interleaved RoPE; we invert it.
-//! - Dimensions are stored fastest-first; candle already reverses them.
+//! The names shared by every family live here; what differs (norm names,
+//! the converter's changes to weights, defaults for absent keys) comes from
+//! the family's own file (`gemma3.rs`, `llama.rs`). Dimensions are stored
+//! fastest-first; candle already reverses them.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -16,7 +16,8 @@ use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 
-use super::config::{gemma3_sliding_layers, Architecture, ModelConfig, RopeScaling};
+use super::config::{Architecture, ModelConfig, RopeScaling};
+use super::family::Family;
 use crate::{Error, Result};
 
 /// An open GGUF file: parsed header plus a reader for tensor data.
@@ -27,24 +28,36 @@ pub struct GgufFile {
     pub architecture: Architecture,
 }
 
-fn invalid(path: &Path, message: impl Into<String>) -> Error {
-    Error::InvalidModel {
-        path: path.to_path_buf(),
-        message: message.into(),
-    }
-}
+/// GGUF names of the modules every family names alike (after
+/// `model.layers.N.` in Hugging Face naming, after `blk.N.` in GGUF).
+const LAYER_NAMES: [(&str, &str); 9] = [
+    ("self_attn.q_proj", "attn_q"),
+    ("self_attn.k_proj", "attn_k"),
+    ("self_attn.v_proj", "attn_v"),
+    ("self_attn.o_proj", "attn_output"),
+    ("self_attn.q_norm", "attn_q_norm"),
+    ("self_attn.k_norm", "attn_k_norm"),
+    ("mlp.gate_proj", "ffn_gate"),
+    ("mlp.up_proj", "ffn_up"),
+    ("mlp.down_proj", "ffn_down"),
+];
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
         let mut reader = BufReader::new(file);
-        let content = gguf_file::Content::read(&mut reader)
-            .map_err(|e| invalid(path, format!("not a readable GGUF file: {e}")))?;
+        let content = gguf_file::Content::read(&mut reader).map_err(|e| Error::InvalidModel {
+            path: path.to_path_buf(),
+            message: format!("not a readable GGUF file: {e}"),
+        })?;
         let arch = content
             .metadata
             .get("general.architecture")
             .and_then(|v| v.to_string().ok())
-            .ok_or_else(|| invalid(path, "GGUF lacks general.architecture"))?;
+            .ok_or_else(|| Error::MissingKey {
+                path: path.to_path_buf(),
+                key: "general.architecture".into(),
+            })?;
         let architecture = Architecture::from_name(arch)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -54,11 +67,13 @@ impl GgufFile {
         })
     }
 
+    fn family(&self) -> &'static Family {
+        self.architecture.family()
+    }
+
+    /// The architecture's prefix of metadata keys (`gemma3.`).
     fn arch_key(&self) -> &'static str {
-        match self.architecture {
-            Architecture::Gemma3 => "gemma3",
-            Architecture::Llama => "llama",
-        }
+        self.family().gguf_name()
     }
 
     fn md_u(&self, key: &str) -> Option<usize> {
@@ -80,21 +95,15 @@ impl GgufFile {
         v.to_f32().map(f64::from).or_else(|_| v.to_f64()).ok()
     }
 
-    /// A descriptive name for the base model (`general.name`, else the file name).
-    pub fn name(&self) -> String {
-        self.content
-            .metadata
-            .get("general.name")
-            .and_then(|v| v.to_string().ok().cloned())
-            .unwrap_or_else(|| self.path.display().to_string())
-    }
-
-    /// Hyper-parameters from metadata, with llama.cpp's defaults where the
+    /// Hyper-parameters from metadata, with the family's defaults where the
     /// format has no key (Gemma-3's local RoPE base and layer pattern).
     pub fn config(&self) -> Result<ModelConfig> {
+        let family = self.family();
         let need = |k: &str| {
-            self.md_u(k)
-                .ok_or_else(|| invalid(&self.path, format!("GGUF lacks {}.{k}", self.arch_key())))
+            self.md_u(k).ok_or_else(|| Error::MissingKey {
+                path: self.path.clone(),
+                key: format!("{}.{k}", self.arch_key()),
+            })
         };
         let hidden_size = need("embedding_length")?;
         let num_attention_heads = need("attention.head_count")?;
@@ -106,20 +115,21 @@ impl GgufFile {
             .content
             .tensor_infos
             .get("token_embd.weight")
-            .map(|t| t.shape.dims()[0])
-            .ok_or_else(|| invalid(&self.path, "GGUF lacks token_embd.weight"))?;
-        let gemma = self.architecture == Architecture::Gemma3;
-        let sliding_window = if gemma {
-            self.md_u("attention.sliding_window")
-        } else {
-            None
-        };
-        let sliding_layers = match sliding_window {
-            Some(_) => gemma3_sliding_layers(
+            .and_then(|t| t.shape.dims().first().copied())
+            .ok_or_else(|| Error::MissingKey {
+                path: self.path.clone(),
+                key: "token_embd.weight".into(),
+            })?;
+        let sliding_window = family
+            .sliding_window_pattern
+            .and_then(|_| self.md_u("attention.sliding_window"));
+        let sliding_layers = match (sliding_window, family.sliding_window_pattern) {
+            (Some(_), Some(pattern)) => Family::sliding_layers(
                 num_hidden_layers,
-                self.md_u("attention.sliding_window_pattern").unwrap_or(6),
+                self.md_u("attention.sliding_window_pattern")
+                    .unwrap_or(pattern),
             ),
-            None => vec![false; num_hidden_layers],
+            _ => vec![false; num_hidden_layers],
         };
         let rope_scaling = match self
             .content
@@ -146,13 +156,9 @@ impl GgufFile {
             head_dim,
             rms_norm_eps: self
                 .md_f("attention.layer_norm_rms_epsilon")
-                .unwrap_or(1e-6),
-            rope_theta: self.md_f("rope.freq_base").unwrap_or(if gemma {
-                1_000_000.0
-            } else {
-                10_000.0
-            }),
-            rope_local_base_freq: 10_000.0,
+                .unwrap_or(family.rms_norm_eps),
+            rope_theta: self.md_f("rope.freq_base").unwrap_or(family.rope_theta),
+            rope_local_base_freq: family.rope_local_base_freq,
             rope_scaling,
             sliding_window,
             sliding_layers,
@@ -161,7 +167,9 @@ impl GgufFile {
             attn_logit_softcapping: None,
             final_logit_softcapping: self.md_f("final_logit_softcapping"),
             tie_word_embeddings: !self.content.tensor_infos.contains_key("output.weight"),
-            max_position_embeddings: self.md_u("context_length").unwrap_or(32_768),
+            max_position_embeddings: self
+                .md_u("context_length")
+                .unwrap_or(family.max_position_embeddings),
         })
     }
 
@@ -179,24 +187,10 @@ impl GgufFile {
         }
         let rest = hf.strip_prefix("model.layers.")?;
         let (idx, module) = rest.split_once('.')?;
-        let gemma = self.architecture == Architecture::Gemma3;
-        let g = match module {
-            "input_layernorm" => "attn_norm",
-            "post_attention_layernorm" if gemma => "post_attention_norm",
-            "post_attention_layernorm" => "ffn_norm",
-            "pre_feedforward_layernorm" => "ffn_norm",
-            "post_feedforward_layernorm" => "post_ffw_norm",
-            "self_attn.q_proj" => "attn_q",
-            "self_attn.k_proj" => "attn_k",
-            "self_attn.v_proj" => "attn_v",
-            "self_attn.o_proj" => "attn_output",
-            "self_attn.q_norm" => "attn_q_norm",
-            "self_attn.k_norm" => "attn_k_norm",
-            "mlp.gate_proj" => "ffn_gate",
-            "mlp.up_proj" => "ffn_up",
-            "mlp.down_proj" => "ffn_down",
-            _ => return None,
-        };
+        let (_, g) = LAYER_NAMES
+            .iter()
+            .chain(self.family().gguf_norms)
+            .find(|(m, _)| *m == module)?;
         Some(format!("blk.{idx}.{g}.weight"))
     }
 
@@ -213,42 +207,8 @@ impl GgufFile {
             self.content.tensor(&mut *reader, &name, &Device::Cpu)?
         };
         let t = qt.dequantize(&Device::Cpu)?.to_dtype(DType::F32)?;
-        let is_norm = hf.ends_with("norm.weight");
-        match self.architecture {
-            Architecture::Gemma3 if is_norm => t - 1.0,
-            Architecture::Llama
-                if hf.ends_with("q_proj.weight") || hf.ends_with("k_proj.weight") =>
-            {
-                // Only the head counts matter here: read them, not the whole config.
-                let heads = self.md_u("attention.head_count");
-                let heads = if hf.ends_with("q_proj.weight") {
-                    heads
-                } else {
-                    self.md_u("attention.head_count_kv").or(heads)
-                }
-                .ok_or_else(|| {
-                    candle_core::Error::Msg(format!(
-                        "{}: GGUF lacks llama.attention.head_count",
-                        self.path.display()
-                    ))
-                })?;
-                unpermute_qk(&t, heads)
-            }
-            _ => Ok(t),
-        }
+        (self.family().from_gguf)(hf, t, &|key: &str| self.md_u(key))
     }
-}
-
-/// Inverts llama.cpp's q/k row permutation: it stored
-/// `w.reshape(h, 2, d/2, in).swapaxes(1, 2)`; undo with the same reshape
-/// read the other way round.
-pub fn unpermute_qk(w: &Tensor, heads: usize) -> candle_core::Result<Tensor> {
-    let (out, inp) = w.dims2()?;
-    let d = out / heads;
-    w.reshape((heads, d / 2, 2, inp))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .reshape((out, inp))
 }
 
 impl SimpleBackend for GgufFile {
@@ -279,26 +239,5 @@ impl SimpleBackend for GgufFile {
     fn contains_tensor(&self, name: &str) -> bool {
         self.gguf_name(name)
             .is_some_and(|n| self.content.tensor_infos.contains_key(&n))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn unpermute_inverts_the_llama_cpp_permutation() -> candle_core::Result<()> {
-        let (heads, d, inp) = (2, 4, 3);
-        let w = Tensor::arange(0f32, (heads * d * inp) as f32, &Device::Cpu)?
-            .reshape((heads * d, inp))?;
-        // llama.cpp's permute: reshape(h, 2, d/2, in).swapaxes(1, 2).
-        let permuted = w
-            .reshape((heads, 2, d / 2, inp))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((heads * d, inp))?;
-        let back = unpermute_qk(&permuted, heads)?;
-        assert_eq!(back.to_vec2::<f32>()?, w.to_vec2::<f32>()?);
-        Ok(())
     }
 }

@@ -1,20 +1,31 @@
 //! Base models: configuration, the shared decoder, and loading from a GGUF
 //! file, a Hugging Face directory (safetensors) or a hub id.
+//!
+//! Inside, imports run one way: `transformer` (the decoder) uses `linear`
+//! (projections and their LoRA runtime), `cache` (batches, KV cache,
+//! masks) and `config`, which asks `family` through the architecture files
+//! (`gemma3`, `llama`); `gguf` reads files for all of them.
 
+mod cache;
 pub mod config;
+mod family;
 mod gemma3;
 pub mod gguf;
+mod linear;
 mod llama;
-pub mod transformer;
+mod transformer;
 
 use std::path::{Path, PathBuf};
 
-use candle_core::{DType, Device, Shape, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
+pub use cache::{dense_batch, Batch, Cache};
 pub use config::{Architecture, ModelConfig, RopeScaling};
-pub use transformer::{Batch, Cache, Decoder, Mode};
+pub use family::{Activation, Family};
+pub use linear::{Dropout, Linear, Lora, Mode};
+pub use transformer::Decoder;
 
 use crate::prompt::PromptFormat;
 use crate::tokenizer::Tokenizer;
@@ -39,11 +50,7 @@ pub fn compute_dtype(device: &Device) -> DType {
 
 /// Builds the decoder for `cfg` from Hugging Face-named weights.
 pub fn build_decoder(cfg: &ModelConfig, vb: VarBuilder) -> Result<Decoder> {
-    let family = match cfg.architecture {
-        Architecture::Gemma3 => &gemma3::FAMILY,
-        Architecture::Llama => &llama::FAMILY,
-    };
-    Ok(family.build(cfg, vb)?)
+    Ok(Decoder::new(cfg, vb)?)
 }
 
 /// Loads a base model from a `.gguf` file, a directory holding
@@ -167,9 +174,9 @@ fn safetensors_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let map = json
         .get("weight_map")
         .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::InvalidModel {
+        .ok_or_else(|| Error::MissingKey {
             path: index.clone(),
-            message: "no weight_map".into(),
+            key: "weight_map".into(),
         })?;
     let mut files: Vec<PathBuf> = map
         .values()
@@ -231,57 +238,4 @@ fn load_hub(id: &str, device: &Device) -> Result<BaseModel> {
     let mut model = load_hf_dir(&dir, device)?;
     model.source = id.to_string();
     Ok(model)
-}
-
-/// Deterministic pseudo-random weights for tests and benchmarks, served by
-/// name so that any architecture's builder can use them.
-pub struct RandomWeights {
-    pub seed: u64,
-}
-
-impl SimpleBackend for RandomWeights {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let mut h = self.seed ^ 0xcbf2_9ce4_8422_2325;
-        for b in name.bytes() {
-            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
-        }
-        let mut rng = crate::lora::SplitMix64(h);
-        let n = s.elem_count();
-        let fan_in = *s.dims().last().unwrap_or(&1) as f64;
-        let std = if s.rank() == 1 {
-            0.1
-        } else {
-            1.0 / fan_in.sqrt()
-        };
-        let data: Vec<f32> = (0..n)
-            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * std * 1.7) as f32)
-            .collect();
-        Tensor::from_vec(data, s, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(dev)
-    }
-
-    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
-        candle_core::bail!("random weights need a shape for `{name}`")
-    }
-
-    fn contains_tensor(&self, _: &str) -> bool {
-        true
-    }
-}
-
-/// A random-weight decoder for `cfg` (tests, benchmarks).
-pub fn random_decoder(cfg: &ModelConfig, seed: u64, device: &Device) -> Result<Decoder> {
-    let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights { seed });
-    build_decoder(
-        cfg,
-        VarBuilder::from_backend(backend, compute_dtype(device), device.clone()),
-    )
 }

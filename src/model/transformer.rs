@@ -1,111 +1,52 @@
 //! The decoder shared by every supported architecture.
 //!
 //! Gemma-3 and Llama-3 differ only in details (extra norms, activation,
-//! embedding scale, sliding windows); those are fields of [`Decoder`] set by
-//! the per-architecture builders in `gemma3.rs` and `llama.rs`. The same code
-//! runs inference (KV cache, fused kernels) and training (no cache, composed
-//! ops so that gradients reach the LoRA weights): see [`Mode`].
+//! embedding scale, sliding windows); those come from the [`Family`] that
+//! `gemma3.rs` and `llama.rs` each describe. The same code runs inference
+//! (KV cache, fused kernels) and training (no cache, composed ops so that
+//! gradients reach the LoRA weights): see [`Mode`].
 //!
-//! Batches are ragged: every row carries its own token positions, and columns
-//! that hold padding have no position at all ([`Batch`]). Masks are derived
-//! from those positions, so left padding, a shared cached prefix followed by
-//! padding, and steps that append a different number of tokens per row all
-//! use the same code.
+//! Batches are ragged ([`Batch`]): every row carries its own token
+//! positions, and masks are derived from them (`cache.rs`).
+//!
+//! The blocks are private: callers change adapters through the verbs of
+//! [`Decoder`] and [`Linear`], never by editing fields.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use crate::lora::Lora;
-
-/// Which kernels the forward pass may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Fused kernels (no gradients) and the KV cache.
-    Infer,
-    /// Composed ops that record gradients; LoRA dropout active.
-    Train,
-}
-
-/// A linear projection `y = x W^T`, optionally adapted with LoRA.
-///
-/// `weight` is the pristine base weight; `merged` holds `W + s·BA` when an
-/// adapter is merged for inference, so that swapping adapters never has to
-/// undo a merge (which would drift in bf16).
-#[derive(Debug, Clone)]
-pub struct Linear {
-    /// Module path in Hugging Face naming, e.g. `model.layers.3.self_attn.q_proj`.
-    pub name: String,
-    pub weight: Tensor,
-    pub merged: Option<Tensor>,
-    pub lora: Option<Lora>,
-}
-
-impl Linear {
-    pub fn new(name: String, weight: Tensor) -> Self {
-        Self {
-            name,
-            weight,
-            merged: None,
-            lora: None,
-        }
-    }
-
-    /// `[out_features, in_features]`.
-    pub fn shape(&self) -> (usize, usize) {
-        let d = self.weight.dims();
-        (d[0], d[1])
-    }
-
-    pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let w = self.merged.as_ref().unwrap_or(&self.weight);
-        let y = matmul_t(x, w)?;
-        match (&self.lora, &self.merged) {
-            (Some(lora), None) => {
-                let delta = lora.forward(x, mode)?.to_dtype(y.dtype())?;
-                y + delta
-            }
-            _ => Ok(y),
-        }
-    }
-}
-
-/// Loads the `weight` `[out, inp]` under `vb` as a (not yet adapted) projection
-/// named by its module path.
-pub(crate) fn linear(
-    vb: &candle_nn::VarBuilder,
-    out: usize,
-    inp: usize,
-) -> candle_core::Result<Linear> {
-    Ok(Linear::new(vb.prefix(), vb.get((out, inp), "weight")?))
-}
-
-/// `x W^T` for `x` of any rank, flattening leading dims into one matmul.
-pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims();
-    let Some((&in_features, leading)) = dims.split_last() else {
-        candle_core::bail!("matmul_t needs an input of rank >= 1");
-    };
-    let rows = leading.iter().product::<usize>();
-    let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
-    let mut out_dims = leading.to_vec();
-    out_dims.push(w.dim(0)?);
-    y.reshape(out_dims)
-}
+use super::cache::{build_mask, Batch, Cache};
+use super::config::{ModelConfig, RopeScaling};
+use super::family::{Activation, Family};
+use super::linear::{linear, matmul_t, Linear, Lora, Mode};
 
 /// Root-mean-square norm. `alpha` is the effective multiplier, kept in f32
 /// (Gemma's `1 + w` is folded in at load time).
 #[derive(Debug, Clone)]
-pub struct RmsNorm {
-    pub alpha: Tensor,
-    pub eps: f64,
+struct RmsNorm {
+    alpha: Tensor,
+    eps: f64,
 }
 
 impl RmsNorm {
-    pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+    /// Loads `weight` `[size]` under `vb` in f32, folding in `1 + w` when the
+    /// family stores norms that way.
+    fn new(
+        family: &Family,
+        vb: &candle_nn::VarBuilder,
+        size: usize,
+        eps: f64,
+    ) -> candle_core::Result<Self> {
+        let w = vb.to_dtype(DType::F32).get(size, "weight")?;
+        let alpha = if family.norm_plus_one { (w + 1.0)? } else { w };
+        Ok(Self { alpha, eps })
+    }
+
+    fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(DType::F32)?.contiguous()?;
         let y = match mode {
             Mode::Infer => candle_nn::ops::rms_norm(&x32, &self.alpha, self.eps as f32)?,
-            Mode::Train => {
+            Mode::Train(_) => {
                 let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
                 x32.broadcast_div(&(ms + self.eps)?.sqrt()?)?
                     .broadcast_mul(&self.alpha)?
@@ -117,19 +58,18 @@ impl RmsNorm {
 
 /// Rotary embedding parameters for one kind of layer.
 #[derive(Debug, Clone)]
-pub struct Rotary {
+struct Rotary {
     /// Inverse frequencies, `[head_dim / 2]`, f32 (already rescaled).
-    pub inv_freq: Tensor,
+    inv_freq: Tensor,
 }
 
 impl Rotary {
-    pub fn new(
+    fn new(
         head_dim: usize,
         base: f64,
-        scaling: &super::RopeScaling,
+        scaling: &RopeScaling,
         dev: &Device,
     ) -> candle_core::Result<Self> {
-        use super::RopeScaling;
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| {
@@ -168,11 +108,7 @@ impl Rotary {
 
     /// cos and sin tables `[B, T, head_dim/2]` for the given positions,
     /// computed in f32 and cast at the end (bf16 tables lose phase).
-    pub fn tables(
-        &self,
-        positions: &Tensor,
-        dtype: DType,
-    ) -> candle_core::Result<(Tensor, Tensor)> {
+    fn tables(&self, positions: &Tensor, dtype: DType) -> candle_core::Result<(Tensor, Tensor)> {
         let (b, t) = positions.dims2()?;
         let pos = positions.to_dtype(DType::F32)?.reshape((b * t, 1))?;
         let freqs = pos.broadcast_mul(&self.inv_freq.unsqueeze(0)?)?;
@@ -187,7 +123,7 @@ impl Rotary {
 fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
     match mode {
         Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
-        Mode::Train => {
+        Mode::Train(_) => {
             let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
             let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
             let d = x.dim(D::Minus1)?;
@@ -199,308 +135,65 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> candle_co
     }
 }
 
-/// Feed-forward activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Activation {
-    /// `gelu_pytorch_tanh` (Gemma).
-    GeluTanh,
-    /// SiLU (Llama).
-    Silu,
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    q_norm: Option<RmsNorm>,
+    k_norm: Option<RmsNorm>,
 }
 
 #[derive(Debug, Clone)]
-pub struct Attention {
-    pub q_proj: Linear,
-    pub k_proj: Linear,
-    pub v_proj: Linear,
-    pub o_proj: Linear,
-    pub q_norm: Option<RmsNorm>,
-    pub k_norm: Option<RmsNorm>,
-}
-
-#[derive(Debug, Clone)]
-pub struct Mlp {
-    pub gate_proj: Linear,
-    pub up_proj: Linear,
-    pub down_proj: Linear,
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
 }
 
 /// One decoder block. Norm names follow their role, not checkpoint names,
 /// because Llama's `post_attention_layernorm` is Gemma's `pre_feedforward_layernorm`.
 #[derive(Debug, Clone)]
-pub struct Layer {
-    pub attn_norm: RmsNorm,
+struct Layer {
+    attn_norm: RmsNorm,
     /// Gemma: norm on the attention output before the residual add.
-    pub attn_out_norm: Option<RmsNorm>,
-    pub mlp_norm: RmsNorm,
+    attn_out_norm: Option<RmsNorm>,
+    mlp_norm: RmsNorm,
     /// Gemma: norm on the MLP output before the residual add.
-    pub mlp_out_norm: Option<RmsNorm>,
-    pub attn: Attention,
-    pub mlp: Mlp,
+    mlp_out_norm: Option<RmsNorm>,
+    attn: Attention,
+    mlp: Mlp,
     /// Uses the sliding window and the local rotary base.
-    pub sliding: bool,
-}
-
-/// What distinguishes one architecture's checkpoint from another's: the
-/// per-architecture modules (`gemma3.rs`, `llama.rs`) each define one.
-#[derive(Debug, Clone, Copy)]
-pub struct Family {
-    /// Norm weights are stored as `w` with effective multiplier `1 + w`.
-    pub norm_plus_one: bool,
-    /// Per-head RmsNorm on q and k (`q_norm`, `k_norm`).
-    pub qk_norm: bool,
-    /// Checkpoint name of the norm before the MLP.
-    pub mlp_norm: &'static str,
-    /// Checkpoint names of the norms on the attention and MLP outputs.
-    pub attn_out_norm: Option<&'static str>,
-    pub mlp_out_norm: Option<&'static str>,
-    pub activation: Activation,
-    /// Embeddings are multiplied by `sqrt(hidden_size)`.
-    pub embed_scale: bool,
-    /// Sliding layers use `rope_local_base_freq` without scaling.
-    pub local_rope: bool,
-}
-
-impl Family {
-    fn norm(
-        &self,
-        vb: &candle_nn::VarBuilder,
-        size: usize,
-        eps: f64,
-    ) -> candle_core::Result<RmsNorm> {
-        let w = vb.to_dtype(DType::F32).get(size, "weight")?;
-        let alpha = if self.norm_plus_one { (w + 1.0)? } else { w };
-        Ok(RmsNorm { alpha, eps })
-    }
-
-    /// Builds the decoder from Hugging Face-named weights; `vb` points at
-    /// the checkpoint root (its `model.` and `lm_head.` children).
-    pub fn build(
-        &self,
-        cfg: &super::ModelConfig,
-        vb: candle_nn::VarBuilder,
-    ) -> candle_core::Result<Decoder> {
-        let dev = vb.device().clone();
-        let dtype = vb.dtype();
-        let m = vb.pp("model");
-        let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
-        let (nh, nkv, ff) = (
-            cfg.num_attention_heads,
-            cfg.num_key_value_heads,
-            cfg.intermediate_size,
-        );
-        let optional = |vb: &candle_nn::VarBuilder,
-                        name: Option<&str>,
-                        size: usize|
-         -> candle_core::Result<Option<RmsNorm>> {
-            name.map(|n| self.norm(&vb.pp(n), size, eps)).transpose()
-        };
-        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
-        for i in 0..cfg.num_hidden_layers {
-            let l = m.pp(format!("layers.{i}"));
-            let a = l.pp("self_attn");
-            let f = l.pp("mlp");
-            layers.push(Layer {
-                attn_norm: self.norm(&l.pp("input_layernorm"), h, eps)?,
-                attn_out_norm: optional(&l, self.attn_out_norm, h)?,
-                mlp_norm: self.norm(&l.pp(self.mlp_norm), h, eps)?,
-                mlp_out_norm: optional(&l, self.mlp_out_norm, h)?,
-                attn: Attention {
-                    q_proj: linear(&a.pp("q_proj"), nh * hd, h)?,
-                    k_proj: linear(&a.pp("k_proj"), nkv * hd, h)?,
-                    v_proj: linear(&a.pp("v_proj"), nkv * hd, h)?,
-                    o_proj: linear(&a.pp("o_proj"), h, nh * hd)?,
-                    q_norm: optional(&a, self.qk_norm.then_some("q_norm"), hd)?,
-                    k_norm: optional(&a, self.qk_norm.then_some("k_norm"), hd)?,
-                },
-                mlp: Mlp {
-                    gate_proj: linear(&f.pp("gate_proj"), ff, h)?,
-                    up_proj: linear(&f.pp("up_proj"), ff, h)?,
-                    down_proj: linear(&f.pp("down_proj"), h, ff)?,
-                },
-                sliding: cfg.sliding_layers.get(i).copied().unwrap_or(false),
-            });
-        }
-        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
-            None
-        } else {
-            Some(vb.get((cfg.vocab_size, h), "lm_head.weight")?)
-        };
-        let rotary_global = Rotary::new(hd, cfg.rope_theta, &cfg.rope_scaling, &dev)?;
-        let rotary_local = if self.local_rope {
-            Rotary::new(
-                hd,
-                cfg.rope_local_base_freq,
-                &super::RopeScaling::None,
-                &dev,
-            )?
-        } else {
-            rotary_global.clone()
-        };
-        Ok(Decoder {
-            cfg: cfg.clone(),
-            embed_tokens: m.get((cfg.vocab_size, h), "embed_tokens.weight")?,
-            embed_scale: self.embed_scale.then(|| (h as f64).sqrt()),
-            layers,
-            norm: self.norm(&m.pp("norm"), h, eps)?,
-            lm_head,
-            activation: self.activation,
-            rotary_global,
-            rotary_local,
-            dtype,
-            device: dev,
-        })
-    }
+    sliding: bool,
 }
 
 /// The whole decoder stack, architecture-neutral.
 #[derive(Debug, Clone)]
 pub struct Decoder {
-    pub cfg: super::ModelConfig,
+    /// The shape it was built for; `cfg`, `dtype` and `device` stay public
+    /// because callers (router, trainer, benchmarks) read them, never write.
+    pub cfg: ModelConfig,
     /// `[vocab, hidden]` in the compute dtype.
-    pub embed_tokens: Tensor,
+    embed_tokens: Tensor,
     /// Multiplier applied to embeddings (Gemma: `sqrt(hidden)` in the compute dtype).
-    pub embed_scale: Option<f64>,
-    pub layers: Vec<Layer>,
-    pub norm: RmsNorm,
+    embed_scale: Option<f64>,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
     /// Separate output head; `None` when tied to `embed_tokens`.
-    pub lm_head: Option<Tensor>,
-    pub activation: Activation,
-    pub rotary_global: Rotary,
-    pub rotary_local: Rotary,
+    lm_head: Option<Tensor>,
+    activation: Activation,
+    rotary_global: Rotary,
+    rotary_local: Rotary,
     pub dtype: DType,
     pub device: Device,
 }
 
-/// Per-row positions of the columns a forward pass appends.
-///
-/// `None` marks a padding column: it attends only to itself and nothing
-/// attends to it. Real columns attend to every earlier real column of their
-/// row (by position), within the sliding window on sliding layers.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Batch {
-    pub rows: Vec<Vec<Option<u32>>>,
-}
-
-impl Batch {
-    /// Columns appended by this step (all rows have the same count).
-    pub fn width(&self) -> usize {
-        self.rows.first().map_or(0, Vec::len)
-    }
-
-    /// Positions with pads mapped to 0, `[B, T]`.
-    fn position_tensor(&self, dev: &Device) -> candle_core::Result<Tensor> {
-        let flat: Vec<u32> = self
-            .rows
-            .iter()
-            .flat_map(|r| r.iter().map(|p| p.unwrap_or(0)))
-            .collect();
-        Tensor::from_vec(flat, (self.rows.len(), self.width()), dev)
-    }
-}
-
-/// Key/value cache of one batch: tensors per layer plus the positions of
-/// every cached column, which later masks are built from.
-#[derive(Debug, Clone, Default)]
-pub struct Cache {
-    pub kv: Vec<Option<(Tensor, Tensor)>>,
-    pub columns: Vec<Vec<Option<u32>>>,
-}
-
-impl Cache {
-    pub fn len(&self) -> usize {
-        self.columns.first().map_or(0, Vec::len)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Applies `f` to every cached key and value tensor.
-    fn map_kv(
-        &self,
-        f: impl Fn(&Tensor) -> candle_core::Result<Tensor>,
-    ) -> candle_core::Result<Vec<Option<(Tensor, Tensor)>>> {
-        self.kv
-            .iter()
-            .map(|e| e.as_ref().map(|(k, v)| Ok((f(k)?, f(v)?))).transpose())
-            .collect()
-    }
-
-    /// Keeps only the given rows (by index), in that order.
-    pub fn select(&self, rows: &[usize]) -> candle_core::Result<Self> {
-        let dev = match self.kv.iter().flatten().next() {
-            Some((k, _)) => k.device().clone(),
-            None => Device::Cpu,
-        };
-        let idx = Tensor::from_vec(
-            rows.iter().map(|&r| r as u32).collect::<Vec<_>>(),
-            rows.len(),
-            &dev,
-        )?;
-        // Concatenation can leave the cache strided.
-        let kv = self.map_kv(|t| t.contiguous()?.index_select(&idx, 0))?;
-        let columns = rows
-            .iter()
-            .map(|&r| self.columns.get(r).cloned().unwrap_or_default())
-            .collect();
-        Ok(Self { kv, columns })
-    }
-
-    /// Repeats a batch-of-one cache (a shared prompt prefix) `n` times.
-    pub fn repeat(&self, n: usize) -> candle_core::Result<Self> {
-        let kv = self.map_kv(|t| t.repeat((n, 1, 1, 1)))?;
-        let columns = (0..n)
-            .map(|_| self.columns.first().cloned().unwrap_or_default())
-            .collect();
-        Ok(Self { kv, columns })
-    }
-}
-
-/// Additive attention mask `[B, 1, T, S]` (0 or -inf) for new columns `batch`
-/// after the cached columns `past`.
-fn build_mask(
-    past: &[Vec<Option<u32>>],
-    batch: &Batch,
-    window: Option<usize>,
-    dtype: DType,
-    dev: &Device,
-) -> candle_core::Result<Tensor> {
-    let b = batch.rows.len();
-    let t = batch.width();
-    let p = past.first().map_or(0, Vec::len);
-    let s = p + t;
-    let mut data = vec![f32::NEG_INFINITY; b * t * s];
-    for (row, new) in batch.rows.iter().enumerate() {
-        let old = past.get(row).map(Vec::as_slice).unwrap_or(&[]);
-        for (i, q) in new.iter().enumerate() {
-            let base = (row * t + i) * s;
-            match q {
-                None => data[base + p + i] = 0.0,
-                Some(qp) => {
-                    for (j, k) in old.iter().chain(new.iter()).enumerate() {
-                        if let Some(kp) = k {
-                            let visible = kp <= qp
-                                && (j < p || j <= p + i)
-                                && window.is_none_or(|w| ((qp - kp) as usize) < w);
-                            if visible {
-                                data[base + j] = 0.0;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    Tensor::from_vec(data, (b, 1, t, s), dev)?.to_dtype(dtype)
-}
-
 impl Attention {
-    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
-        cfg: &super::ModelConfig,
+        cfg: &ModelConfig,
         cos_sin: &(Tensor, Tensor),
         mask: &Tensor,
         cache: Option<&mut Option<(Tensor, Tensor)>>,
@@ -569,7 +262,7 @@ impl Attention {
         let scores = scores.broadcast_add(&mask)?.to_dtype(DType::F32)?;
         let probs = match mode {
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
-            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Mode::Train(_) => candle_nn::ops::softmax(&scores, D::Minus1)?,
         }
         .to_dtype(v.dtype())?;
         let out = probs
@@ -594,6 +287,78 @@ impl Mlp {
 }
 
 impl Decoder {
+    /// Builds the decoder from Hugging Face-named weights; `vb` points at
+    /// the checkpoint root (its `model.` and `lm_head.` children).
+    pub fn new(cfg: &ModelConfig, vb: candle_nn::VarBuilder) -> candle_core::Result<Self> {
+        let family = cfg.architecture.family();
+        let dev = vb.device().clone();
+        let dtype = vb.dtype();
+        let m = vb.pp("model");
+        let (h, hd, eps) = (cfg.hidden_size, cfg.head_dim, cfg.rms_norm_eps);
+        let (nh, nkv, ff) = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.intermediate_size,
+        );
+        let optional = |vb: &candle_nn::VarBuilder,
+                        name: Option<&str>,
+                        size: usize|
+         -> candle_core::Result<Option<RmsNorm>> {
+            name.map(|n| RmsNorm::new(family, &vb.pp(n), size, eps))
+                .transpose()
+        };
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let l = m.pp(format!("layers.{i}"));
+            let a = l.pp("self_attn");
+            let f = l.pp("mlp");
+            layers.push(Layer {
+                attn_norm: RmsNorm::new(family, &l.pp("input_layernorm"), h, eps)?,
+                attn_out_norm: optional(&l, family.attn_out_norm, h)?,
+                mlp_norm: RmsNorm::new(family, &l.pp(family.mlp_norm), h, eps)?,
+                mlp_out_norm: optional(&l, family.mlp_out_norm, h)?,
+                attn: Attention {
+                    q_proj: linear(&a.pp("q_proj"), nh * hd, h)?,
+                    k_proj: linear(&a.pp("k_proj"), nkv * hd, h)?,
+                    v_proj: linear(&a.pp("v_proj"), nkv * hd, h)?,
+                    o_proj: linear(&a.pp("o_proj"), h, nh * hd)?,
+                    q_norm: optional(&a, family.qk_norm.then_some("q_norm"), hd)?,
+                    k_norm: optional(&a, family.qk_norm.then_some("k_norm"), hd)?,
+                },
+                mlp: Mlp {
+                    gate_proj: linear(&f.pp("gate_proj"), ff, h)?,
+                    up_proj: linear(&f.pp("up_proj"), ff, h)?,
+                    down_proj: linear(&f.pp("down_proj"), h, ff)?,
+                },
+                sliding: cfg.sliding_layers.get(i).copied().unwrap_or(false),
+            });
+        }
+        let lm_head = if cfg.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
+            None
+        } else {
+            Some(vb.get((cfg.vocab_size, h), "lm_head.weight")?)
+        };
+        let rotary_global = Rotary::new(hd, cfg.rope_theta, &cfg.rope_scaling, &dev)?;
+        let rotary_local = if family.local_rope {
+            Rotary::new(hd, cfg.rope_local_base_freq, &RopeScaling::None, &dev)?
+        } else {
+            rotary_global.clone()
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            embed_tokens: m.get((cfg.vocab_size, h), "embed_tokens.weight")?,
+            embed_scale: family.embed_scale.then(|| (h as f64).sqrt()),
+            layers,
+            norm: RmsNorm::new(family, &m.pp("norm"), h, eps)?,
+            lm_head,
+            activation: family.activation,
+            rotary_global,
+            rotary_local,
+            dtype,
+            device: dev,
+        })
+    }
+
     /// Runs the stack over `tokens: [B, T]` (u32) and returns final-normed
     /// hidden states `[B, T, hidden]`. With a cache, new keys/values are
     /// appended to it and attention covers the cached columns too.
@@ -732,13 +497,37 @@ impl Decoder {
     pub fn vocab_size(&self) -> candle_core::Result<usize> {
         self.lm_head.as_ref().unwrap_or(&self.embed_tokens).dim(0)
     }
-}
 
-/// Convenience for tests: one dense batch with positions `start..start+len`.
-pub fn dense_batch(rows: usize, start: u32, len: usize) -> Batch {
-    Batch {
-        rows: (0..rows)
-            .map(|_| (0..len as u32).map(|i| Some(start + i)).collect())
-            .collect(),
+    /// The token embedding `[vocab, hidden]` (frozen; the head when tied).
+    pub fn embed_tokens(&self) -> &Tensor {
+        &self.embed_tokens
+    }
+
+    /// Back to the bare base model: every LoRA pair and merged copy dropped.
+    pub fn clear_adapter(&mut self) {
+        for l in self.linears_mut() {
+            l.set_lora(None);
+        }
+    }
+
+    /// Sets the dropout of every attached LoRA pair (training only uses it).
+    pub fn set_lora_dropout(&mut self, p: f64) {
+        for l in self.linears_mut() {
+            l.set_lora_dropout(p);
+        }
+    }
+
+    /// The trainable variables (A then B of every adapted module).
+    pub fn lora_vars(&self) -> Vec<candle_core::Var> {
+        self.linears()
+            .filter_map(Linear::lora)
+            .flat_map(|l| [l.a().clone(), l.b().clone()])
+            .collect()
+    }
+
+    /// The LoRA pairs by module path, in layer order.
+    pub fn loras(&self) -> impl Iterator<Item = (&str, &Lora)> {
+        self.linears()
+            .filter_map(|l| l.lora().map(|lora| (l.name(), lora)))
     }
 }

@@ -1,8 +1,17 @@
-//! Helpers shared by integration tests.
+//! Helpers shared by integration tests: the one home of test-only code
+//! (toy tokenizer, tiny configurations, random weights), kept out of the
+//! library's public API.
 #![allow(dead_code)]
 
 use std::path::Path;
 
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use router::model::{
+    build_decoder, compute_dtype, Architecture, Decoder, ModelConfig, RopeScaling,
+};
+use router::rng::SplitMix64;
 use router::tokenizer::Tokenizer;
 
 /// A toy Gemma-style SentencePiece vocabulary that fits the tiny fixture
@@ -61,4 +70,98 @@ pub fn tiny_gemma3_dir() -> &'static Path {
         toy_tokenizer().encode(probe).unwrap()
     );
     dir
+}
+
+/// A small random-weight-friendly configuration: 3 layers (Gemma: sliding,
+/// global, sliding with a window of 4), GQA 4:2, a 97-row vocabulary.
+pub fn tiny_config(architecture: Architecture) -> ModelConfig {
+    let gemma = architecture == Architecture::Gemma3;
+    ModelConfig {
+        architecture,
+        vocab_size: 97,
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: 8,
+        rms_norm_eps: 1e-6,
+        rope_theta: if gemma { 1_000_000.0 } else { 500_000.0 },
+        rope_local_base_freq: 10_000.0,
+        rope_scaling: if gemma {
+            RopeScaling::None
+        } else {
+            RopeScaling::Llama3 {
+                factor: 8.0,
+                low_freq_factor: 1.0,
+                high_freq_factor: 4.0,
+                original_max_position_embeddings: 16,
+            }
+        },
+        sliding_window: gemma.then_some(4),
+        sliding_layers: if gemma {
+            vec![true, false, true]
+        } else {
+            vec![false; 3]
+        },
+        query_pre_attn_scalar: 8.0,
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
+        tie_word_embeddings: gemma,
+        max_position_embeddings: 256,
+    }
+}
+
+/// Deterministic pseudo-random weights, served by name so that any
+/// architecture's builder can use them.
+pub struct RandomWeights {
+    pub seed: u64,
+}
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let mut h = self.seed ^ 0xcbf2_9ce4_8422_2325;
+        for b in name.bytes() {
+            h = (h ^ b as u64).wrapping_mul(0x100_0000_01b3);
+        }
+        let mut rng = SplitMix64(h);
+        let n = s.elem_count();
+        let fan_in = *s.dims().last().unwrap_or(&1) as f64;
+        let std = if s.rank() == 1 {
+            0.1
+        } else {
+            1.0 / fan_in.sqrt()
+        };
+        let data: Vec<f32> = (0..n)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * std * 1.7) as f32)
+            .collect();
+        Tensor::from_vec(data, s, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(dev)
+    }
+
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for `{name}`")
+    }
+
+    fn contains_tensor(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// A random-weight decoder for `cfg`.
+pub fn random_decoder(cfg: &ModelConfig, seed: u64, device: &Device) -> Decoder {
+    let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights { seed });
+    build_decoder(
+        cfg,
+        VarBuilder::from_backend(backend, compute_dtype(device), device.clone()),
+    )
+    .unwrap()
 }

@@ -9,10 +9,11 @@ use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use indicatif::{ProgressBar, ProgressStyle};
 use router::dataset::{Confusion, Example};
 use router::router::{Route, Router};
 use serde::Serialize;
+
+use crate::progress_bar;
 
 /// One routed row, as written by `--predictions`.
 #[derive(Debug, Clone, Serialize)]
@@ -199,12 +200,7 @@ pub fn char_f1(a: &str, b: &str) -> f64 {
 
 /// Routes `rows` in batches of `batch` with a progress bar.
 pub fn evaluate(router: &mut Router, rows: &[Example], batch: usize) -> Result<Report> {
-    let bar = ProgressBar::new(rows.len() as u64).with_style(
-        ProgressStyle::with_template(
-            "eval {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar("eval", rows.len());
     let mut confusion = Confusion::default();
     let mut by_lang: BTreeMap<String, Confusion> = BTreeMap::new();
     let mut predictions = Vec::with_capacity(rows.len());

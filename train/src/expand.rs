@@ -13,11 +13,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use router::dataset::{read_jsonl, Example};
 use router::prompt::{parse_reply, render_call, Reply};
 use serde::Deserialize;
 use serde_json::json;
+
+use crate::progress_bar;
 
 #[derive(Debug, Clone, Args)]
 pub struct ExpandArgs {
@@ -183,12 +184,7 @@ pub fn run(args: ExpandArgs) -> Result<()> {
         .append(true)
         .open(&args.out)
         .with_context(|| format!("opening {}", args.out.display()))?;
-    let bar = ProgressBar::new(args.target as u64).with_style(
-        ProgressStyle::with_template(
-            "expand {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar("expand", args.target);
     bar.set_position(existing.len().min(args.target) as u64);
     let mut skipped = 0usize;
     for (label, group, q) in [(1usize, &calls, call_quota), (0, &chats, chat_quota)] {
@@ -236,11 +232,16 @@ pub fn run(args: ExpandArgs) -> Result<()> {
                         skipped += 1;
                         continue;
                     }
-                    let row = json!({
-                        "messages": [{"role": "user", "content": user}, {"role": "assistant", "content": answer}],
-                        "meta": {"seed": seed.user, "source": "expand", "model": args.model},
-                    });
-                    writeln!(out, "{row}")?;
+                    let row = Example {
+                        user,
+                        assistant: answer,
+                        source: args.out.clone(),
+                        line: 0,
+                        meta: Some(
+                            json!({"seed": seed.user, "source": "expand", "model": args.model}),
+                        ),
+                    };
+                    writeln!(out, "{}", serde_json::to_string(&row.to_conversation())?)?;
                     *per_seed.entry(i).or_default() += 1;
                     done_by_label[label] += 1;
                     added += 1;

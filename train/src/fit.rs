@@ -11,16 +11,17 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use router::dataset::{read_merged, Example};
 use router::lora::{self, Adapter, LoraConfig};
-use router::model::transformer::{Batch, Decoder, Mode};
+use router::model::{Batch, Decoder, Dropout, Mode};
 use router::prompt::PromptFormat;
-use router::router::RouterConfig;
+use router::rng::SplitMix64;
+use router::router::{Router, RouterConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{evaluate, print_report, Report};
 use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+use crate::progress_bar;
 
 /// Options of a training run (the original project's defaults).
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
@@ -192,7 +193,7 @@ fn feedback_files(args: &FitArgs) -> Result<Vec<PathBuf>> {
 /// Deterministic shuffle (Fisher-Yates over SplitMix64).
 fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..n).collect();
-    let mut rng = lora::SplitMix64(seed);
+    let mut rng = SplitMix64(seed);
     for i in (1..n).rev() {
         let j = (rng.next_u64() % (i as u64 + 1)) as usize;
         idx.swap(i, j);
@@ -200,7 +201,7 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     idx
 }
 
-fn tokenize(format: &PromptFormat, rows: &[&Example], max_len: usize) -> Result<Vec<Tokenized>> {
+fn tokenize(format: &PromptFormat, rows: &[Example], max_len: usize) -> Result<Vec<Tokenized>> {
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let ex = format
@@ -350,52 +351,92 @@ fn pathdiff(target: &Path, base: &Path) -> PathBuf {
 }
 
 /// Runs training, evaluation and promotion. Returns the new adapter's directory.
-pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf> {
+pub fn run(model: &router::cli::ModelArgs, args: FitArgs) -> Result<PathBuf> {
     let started = Instant::now();
-    let resume_state: Option<TrainerState> = match &args.resume {
-        Some(ckpt) => {
-            let p = ckpt.join("trainer_state.json");
-            let s: TrainerState = serde_json::from_str(
-                &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
-            )
-            .with_context(|| format!("parsing {}", p.display()))?;
-            let resume = args.resume.clone();
-            args = FitArgs {
-                resume,
-                ..s.args.clone()
-            };
-            Some(s)
-        }
-        None => None,
+    let (args, resume) = resume_args(args)?;
+    let data = load_data(&args)?;
+    let (mut router, sets) = load_model(model, &args, &data)?;
+    let (lora_cfg, mut opt) = prepare_adapter(&mut router, &args)?;
+    let mut run = RunDir::create(&args, resume.as_ref())?;
+    let first_step = resume.as_ref().map_or(0, |s| s.step);
+    let ctx = Loop {
+        args: &args,
+        sets: &sets,
+        lora_cfg: &lora_cfg,
+        started,
     };
+    train_loop(&ctx, &mut router, &mut opt, &mut run, first_step)?;
+    let run_dir = finish_run(&router, &lora_cfg, run, started)?;
+    evaluate_and_promote(&mut router, &args, &data.test, &run_dir, started)?;
+    Ok(run_dir)
+}
 
-    // ---- data
+/// With `--resume`, the interrupted run's arguments and where it stopped.
+fn resume_args(args: FitArgs) -> Result<(FitArgs, Option<TrainerState>)> {
+    let Some(ckpt) = &args.resume else {
+        return Ok((args, None));
+    };
+    let p = ckpt.join("trainer_state.json");
+    let s: TrainerState = serde_json::from_str(
+        &std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?,
+    )
+    .with_context(|| format!("parsing {}", p.display()))?;
+    let args = FitArgs {
+        resume: args.resume.clone(),
+        ..s.args.clone()
+    };
+    Ok((args, Some(s)))
+}
+
+/// The rows of a run: training and validation split from the merged data
+/// (base file, then feedback), and the held-out test rows.
+struct Data {
+    train: Vec<Example>,
+    val: Vec<Example>,
+    test: Vec<Example>,
+}
+
+fn load_data(args: &FitArgs) -> Result<Data> {
     let mut files = vec![args.train_file.clone()];
-    files.extend(feedback_files(&args)?);
+    files.extend(feedback_files(args)?);
     let rows = read_merged(&files).context("reading training data")?;
-    let test_rows =
-        router::dataset::read_jsonl(&args.test_file).context("reading the test file")?;
+    let test = router::dataset::read_jsonl(&args.test_file).context("reading the test file")?;
     print_counts(&rows, &mut std::io::stdout())?;
     if rows.len() < 2 {
         bail!("need at least two training rows, found {}", rows.len());
     }
     let order = shuffled(rows.len(), args.seed);
     let n_train = ((rows.len() as f64 * args.train_fraction).round() as usize).clamp(1, rows.len());
-    let train_rows: Vec<&Example> = order[..n_train].iter().map(|&i| &rows[i]).collect();
-    let val_rows: Vec<&Example> = order[n_train..].iter().map(|&i| &rows[i]).collect();
+    let pick = |idx: &[usize]| idx.iter().map(|&i| rows[i].clone()).collect();
+    Ok(Data {
+        train: pick(&order[..n_train]),
+        val: pick(&order[n_train..]),
+        test,
+    })
+}
 
-    // ---- model
-    let mut router = model.load_router_bare(RouterConfig::default())?;
-    let device: Device = router.base().decoder.device.clone();
+/// The training and validation rows, tokenized.
+struct Sets {
+    train: Vec<Tokenized>,
+    val: Vec<Tokenized>,
+}
+
+/// Loads the base model (no adapter) and tokenizes the rows with its format.
+fn load_model(
+    model: &router::cli::ModelArgs,
+    args: &FitArgs,
+    data: &Data,
+) -> Result<(Router, Sets)> {
+    let router = model.load_router_bare(RouterConfig::default())?;
     let format = router.base().format.clone();
-    let train = tokenize(&format, &train_rows, args.max_len)?;
-    let val = tokenize(&format, &val_rows, args.max_len)?;
+    let train = tokenize(&format, &data.train, args.max_len)?;
+    let val = tokenize(&format, &data.val, args.max_len)?;
     println!(
         "train {} rows, validation {} rows, test {} rows; device {}",
         train.len(),
         val.len(),
-        test_rows.len(),
-        router::device::describe(&device)
+        data.test.len(),
+        router::device::describe(&router.base().decoder.device)
     );
     if train.is_empty() {
         bail!(
@@ -403,30 +444,30 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
             args.max_len
         );
     }
+    Ok((router, Sets { train, val }))
+}
+
+/// Attaches the adapter to train (fresh, or the one to start from) and
+/// builds the optimizer over its variables (restored on `--resume`).
+fn prepare_adapter(router: &mut Router, args: &FitArgs) -> Result<(LoraConfig, AdamW)> {
     let targets: Vec<&str> = args.targets.iter().map(String::as_str).collect();
     let mut lora_cfg = LoraConfig::new(args.r, args.alpha, args.dropout, &targets);
     lora_cfg.use_rslora = args.use_rslora;
     lora_cfg.base_model_name_or_path = Some(router.base().source.clone());
     let start_from = args.resume.clone().or(args.init_adapter.clone());
-    {
-        let dec = &mut router.base_mut().decoder;
-        match &start_from {
-            Some(dir) => {
-                let a = Adapter::load(dir)?;
-                lora_cfg.r = a.config.r;
-                lora_cfg.lora_alpha = a.config.lora_alpha;
-                lora_cfg.target_modules = a.config.target_modules.clone();
-                lora_cfg.use_rslora = a.config.use_rslora;
-                a.apply(dec, false)?;
-                for l in dec.linears_mut() {
-                    if let Some(lr) = &mut l.lora {
-                        lr.dropout = args.dropout;
-                    }
-                }
-            }
-            None => {
-                lora::init(dec, &lora_cfg, args.seed)?;
-            }
+    let dec = &mut router.base_mut().decoder;
+    match &start_from {
+        Some(dir) => {
+            let a = Adapter::load(dir)?;
+            lora_cfg.r = a.config.r;
+            lora_cfg.lora_alpha = a.config.lora_alpha;
+            lora_cfg.target_modules = a.config.target_modules.clone();
+            lora_cfg.use_rslora = a.config.use_rslora;
+            a.apply(dec, false)?;
+            dec.set_lora_dropout(args.dropout);
+        }
+        None => {
+            lora::init(dec, &lora_cfg, args.seed)?;
         }
     }
     let vars = lora::trainable_vars(&router.base().decoder);
@@ -445,31 +486,65 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
     if let Some(ckpt) = &args.resume {
         opt.load(ckpt)?;
     }
+    Ok((lora_cfg, opt))
+}
 
-    // ---- run directory (written under a .partial name, renamed at the end)
-    let run_dir = match &resume_state {
-        Some(s) => s.run_dir.clone(),
-        None => args.out_dir.join(
-            args.name
-                .clone()
-                .unwrap_or_else(|| format!("run-{}", utc_stamp())),
-        ),
-    };
-    if run_dir.exists() {
-        bail!("{} already exists; pick another --name", run_dir.display());
+/// A run's directory: written under a `.partial` name (arguments, log,
+/// checkpoints) and renamed when the adapter is complete.
+struct RunDir {
+    dir: PathBuf,
+    partial: PathBuf,
+    log: std::fs::File,
+}
+
+impl RunDir {
+    fn create(args: &FitArgs, resume: Option<&TrainerState>) -> Result<Self> {
+        let dir = match resume {
+            Some(s) => s.run_dir.clone(),
+            None => args.out_dir.join(
+                args.name
+                    .clone()
+                    .unwrap_or_else(|| format!("run-{}", utc_stamp())),
+            ),
+        };
+        if dir.exists() {
+            bail!("{} already exists; pick another --name", dir.display());
+        }
+        let partial = dir.with_extension("partial");
+        std::fs::create_dir_all(&partial)
+            .with_context(|| format!("creating {}", partial.display()))?;
+        std::fs::write(
+            partial.join("train_args.json"),
+            serde_json::to_string_pretty(args)?,
+        )?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(partial.join("training_log.jsonl"))?;
+        Ok(Self { dir, partial, log })
     }
-    let partial = run_dir.with_extension("partial");
-    std::fs::create_dir_all(&partial).with_context(|| format!("creating {}", partial.display()))?;
-    std::fs::write(
-        partial.join("train_args.json"),
-        serde_json::to_string_pretty(&args)?,
-    )?;
-    let mut log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(partial.join("training_log.jsonl"))?;
+}
 
-    // ---- loop
+/// What the training loop reads and never changes.
+struct Loop<'a> {
+    args: &'a FitArgs,
+    sets: &'a Sets,
+    lora_cfg: &'a LoraConfig,
+    /// Start of the whole run (log lines report time since then).
+    started: Instant,
+}
+
+/// The loop: lr schedule, forward, loss, backward, clip, step; every N
+/// steps the validation loss and a checkpoint.
+fn train_loop(
+    ctx: &Loop,
+    router: &mut Router,
+    opt: &mut AdamW,
+    run: &mut RunDir,
+    first_step: usize,
+) -> Result<()> {
+    let (args, train) = (ctx.args, &ctx.sets.train);
+    let device: Device = router.base().decoder.device.clone();
     let per_step = args.batch_size.max(1) * args.grad_accum.max(1);
     let steps_per_epoch = train.len().div_ceil(per_step);
     let mut total = steps_per_epoch * args.epochs.max(1);
@@ -477,13 +552,7 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
         total = total.min(m);
     }
     let warmup = (total as f64 * args.warmup_ratio).round() as usize;
-    let first_step = resume_state.as_ref().map_or(0, |s| s.step);
-    let bar = ProgressBar::new(total as u64).with_style(
-        ProgressStyle::with_template(
-            "train {bar:30} {pos}/{len} [{elapsed_precise} < {eta_precise}] {msg}",
-        )
-        .unwrap_or_else(|_| ProgressStyle::default_bar()),
-    );
+    let bar = progress_bar("train", total);
     bar.set_position(first_step as u64);
     let mut tokens_seen = 0usize;
     let loop_started = Instant::now();
@@ -510,7 +579,8 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
             .iter()
             .map(|t| t.labels.iter().skip(1).filter(|l| **l).count())
             .sum();
-        lora::seed_dropout(
+        // This step's dropout masks: reproducible from the seed and the step.
+        let dropout = Dropout::new(
             &device,
             args.seed.wrapping_mul(1_000_003).wrapping_add(step as u64),
         )?;
@@ -520,7 +590,8 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
         let mut grads: Vec<Tensor> = Vec::new();
         let mut loss_sum = 0f64;
         for micro in picked.chunks(args.batch_size.max(1)) {
-            let (loss, _) = batch_loss(dec, micro, label_tokens.max(1) as f64, Mode::Train)?;
+            let norm = label_tokens.max(1) as f64;
+            let (loss, _) = batch_loss(dec, micro, norm, Mode::Train(&dropout))?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let store = loss.backward()?;
             for (i, v) in vars.iter().enumerate() {
@@ -549,23 +620,24 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
             lr: Some(lr),
             grad_norm: Some(grad_norm),
             tokens_per_s: Some(tps),
-            elapsed_s: started.elapsed().as_secs_f64(),
+            elapsed_s: ctx.started.elapsed().as_secs_f64(),
         };
         let last = step + 1 == total;
         if (args.eval_every > 0 && (step + 1) % args.eval_every == 0) || last {
-            let v = validation_loss(&router.base().decoder, &val, args.batch_size.max(1) * 4)?;
+            let batch = args.batch_size.max(1) * 4;
+            let v = validation_loss(&router.base().decoder, &ctx.sets.val, batch)?;
             line.val_loss = Some(v);
             bar.suspend(|| println!("step {} loss {loss_sum:.4} val_loss {v:.4}", step + 1));
         }
-        writeln!(log, "{}", serde_json::to_string(&line)?)?;
+        writeln!(run.log, "{}", serde_json::to_string(&line)?)?;
         if args.save_every > 0 && (step + 1) % args.save_every == 0 && !last {
             let state = TrainerState {
                 step: step + 1,
-                run_dir: run_dir.clone(),
+                run_dir: run.dir.clone(),
                 args: args.clone(),
             };
-            let ckpt = partial.join(format!("checkpoint-{}", step + 1));
-            save_checkpoint(&ckpt, &router.base().decoder, &lora_cfg, &opt, &state)?;
+            let ckpt = run.partial.join(format!("checkpoint-{}", step + 1));
+            save_checkpoint(&ckpt, &router.base().decoder, ctx.lora_cfg, opt, &state)?;
         }
         if args.stop_after == Some(step + 1) {
             bail!(
@@ -575,10 +647,20 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
         }
     }
     bar.finish_and_clear();
-    log.flush()?;
+    run.log.flush()?;
+    Ok(())
+}
 
-    // ---- the adapter, atomically
-    lora::save(&router.base().decoder, &lora_cfg, &partial)?;
+/// Writes the adapter, drops the checkpoints and renames the run directory
+/// into place, so a run directory without `.partial` is always complete.
+fn finish_run(
+    router: &Router,
+    lora_cfg: &LoraConfig,
+    run: RunDir,
+    started: Instant,
+) -> Result<PathBuf> {
+    let RunDir { dir, partial, .. } = run;
+    lora::save(&router.base().decoder, lora_cfg, &partial)?;
     for entry in std::fs::read_dir(&partial)?.flatten() {
         if entry
             .file_name()
@@ -588,18 +670,29 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
             std::fs::remove_dir_all(entry.path())?;
         }
     }
-    std::fs::rename(&partial, &run_dir)
-        .with_context(|| format!("moving {} to {}", partial.display(), run_dir.display()))?;
+    std::fs::rename(&partial, &dir)
+        .with_context(|| format!("moving {} to {}", partial.display(), dir.display()))?;
     println!(
         "adapter written to {} in {:.1} s",
-        run_dir.display(),
+        dir.display(),
         started.elapsed().as_secs_f64()
     );
+    Ok(dir)
+}
 
-    // ---- evaluate new vs current, promote when not worse
-    let new_adapter = Adapter::load(&run_dir)?;
+/// Evaluates the new adapter and the current one on the test rows, records
+/// both in `metrics.json`, and moves the `current` link when the new one is
+/// not worse (or `--force`), unless `--no-promote`.
+fn evaluate_and_promote(
+    router: &mut Router,
+    args: &FitArgs,
+    test_rows: &[Example],
+    run_dir: &Path,
+    started: Instant,
+) -> Result<()> {
+    let new_adapter = Adapter::load(run_dir)?;
     router.set_adapter(Some(&new_adapter))?;
-    let new_report = evaluate(&mut router, &test_rows, args.eval_batch)?;
+    let new_report = evaluate(router, test_rows, args.eval_batch)?;
     println!("new adapter on {}:", args.test_file.display());
     print_report(&new_report, &mut std::io::stdout())?;
     let current_dir = std::fs::canonicalize(&args.current).ok();
@@ -607,7 +700,7 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
         Some(dir) if dir.join(lora::CONFIG_FILE).exists() => {
             match Adapter::load(dir).and_then(|a| router.set_adapter(Some(&a))) {
                 Ok(()) => {
-                    let r = evaluate(&mut router, &test_rows, args.eval_batch)?;
+                    let r = evaluate(router, test_rows, args.eval_batch)?;
                     println!("current adapter ({}):", dir.display());
                     print_report(&r, &mut std::io::stdout())?;
                     Some(r)
@@ -635,7 +728,7 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
     if args.no_promote {
         println!("--no-promote: {} left as it is", args.current.display());
     } else if better || args.force {
-        repoint(&args.current, &run_dir)?;
+        repoint(&args.current, run_dir)?;
         println!(
             "promoted: {} -> {}{}",
             args.current.display(),
@@ -648,7 +741,7 @@ pub fn run(model: &router::cli::ModelArgs, mut args: FitArgs) -> Result<PathBuf>
             new_report.f1, c.f1
         );
     }
-    Ok(run_dir)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
 use router::cli::{run_main, ModelArgs};
 use router::router::{Route, RouterConfig};
 
@@ -51,6 +52,17 @@ enum Command {
     },
     /// Expand seed rows into paraphrases through an OpenAI-compatible endpoint.
     Expand(expand::ExpandArgs),
+}
+
+/// The progress bar of every long task (`train`, `eval`, `expand`): one
+/// style, so their lines look alike.
+fn progress_bar(label: &str, len: usize) -> ProgressBar {
+    ProgressBar::new(len as u64).with_style(
+        ProgressStyle::with_template(&format!(
+            "{label} {{bar:30}} {{pos}}/{{len}} [{{elapsed_precise}} < {{eta_precise}}] {{msg}}"
+        ))
+        .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    )
 }
 
 fn main() -> ExitCode {

@@ -105,7 +105,11 @@ impl AdamW {
             self.m[i] = get(&format!("m.{i}"))?.to_device(dev)?;
             self.v[i] = get(&format!("v.{i}"))?.to_device(dev)?;
         }
-        self.step = get("step")?.to_vec1::<u32>()?[0] as usize;
+        let step = get("step")?.flatten_all()?.to_vec1::<u32>()?;
+        self.step = *step
+            .first()
+            .with_context(|| format!("{}: `step` is empty", path.display()))?
+            as usize;
         Ok(())
     }
 }

@@ -1,0 +1,220 @@
+//! The adapted linear layer: a frozen base projection plus, optionally, its
+//! LoRA pair, and everything LoRA does at run time (forward, weight delta,
+//! merge, dropout). PEFT's files and config live in `lora.rs`; this is the
+//! part the forward pass needs, so the model never imports the adapter code.
+//!
+//! `y = x Wᵀ + scaling · B(A(dropout(x)))`, scaling only the adapter term;
+//! LoRA weights stay in f32 whatever the compute dtype.
+
+use std::cell::Cell;
+
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::rng::SplitMix64;
+
+/// Which kernels the forward pass may use.
+#[derive(Debug, Clone, Copy)]
+pub enum Mode<'a> {
+    /// Fused kernels (no gradients) and the KV cache.
+    Infer,
+    /// Composed ops that record gradients; LoRA dropout draws its masks from
+    /// the given generator, which the trainer owns (one per step).
+    Train(&'a Dropout),
+}
+
+/// The dropout masks of one training step.
+///
+/// CUDA masks come from the device generator, seeded here; CPU masks from a
+/// counter-based stream of this value, because candle's CPU generator cannot
+/// be seeded. Each mask draws the next stream, so a step is reproducible
+/// from its seed alone and two trainings never share a generator.
+#[derive(Debug)]
+pub struct Dropout {
+    seed: u64,
+    /// Masks drawn so far (a `Cell`: the forward pass only borrows the model).
+    calls: Cell<u64>,
+}
+
+impl Dropout {
+    /// A generator for one step on `device` (seeds the CUDA generator too).
+    pub fn new(device: &Device, seed: u64) -> candle_core::Result<Self> {
+        if !device.is_cpu() {
+            device.set_seed(seed)?;
+        }
+        Ok(Self {
+            seed,
+            calls: Cell::new(0),
+        })
+    }
+
+    /// Inverted dropout: zeroes each element with probability `p`, scales
+    /// the rest by `1 / (1 - p)`.
+    fn apply(&self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
+        if !x.device().is_cpu() {
+            return candle_nn::ops::dropout(x, p as f32);
+        }
+        let call = self.calls.get();
+        self.calls.set(call + 1);
+        let mut rng = SplitMix64(self.seed ^ call.wrapping_mul(0xA24B_AED4_963E_E407));
+        let keep = (1.0 / (1.0 - p)) as f32;
+        let mask: Vec<f32> = (0..x.elem_count())
+            .map(|_| if rng.next_f64() < p { 0.0 } else { keep })
+            .collect();
+        x * Tensor::from_vec(mask, x.shape(), x.device())?
+    }
+}
+
+/// The trainable pair of one adapted projection.
+#[derive(Debug, Clone)]
+pub struct Lora {
+    /// `[r, in]`, f32.
+    a: Var,
+    /// `[out, r]`, f32.
+    b: Var,
+    scaling: f64,
+    dropout: f64,
+}
+
+impl Lora {
+    pub fn new(a: Var, b: Var, scaling: f64, dropout: f64) -> Self {
+        Self {
+            a,
+            b,
+            scaling,
+            dropout,
+        }
+    }
+
+    /// `A`, `[r, in]` (f32).
+    pub fn a(&self) -> &Var {
+        &self.a
+    }
+
+    /// `B`, `[out, r]` (f32).
+    pub fn b(&self) -> &Var {
+        &self.b
+    }
+
+    /// `scaling · B A x` in f32 (`x` of any leading shape).
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let x = x.to_dtype(DType::F32)?;
+        let x = match mode {
+            Mode::Train(rng) if self.dropout > 0.0 => rng.apply(&x, self.dropout)?,
+            _ => x,
+        };
+        let h = matmul_t(&x, self.a.as_tensor())?;
+        matmul_t(&h, self.b.as_tensor())? * self.scaling
+    }
+
+    /// `scaling · B A`, the weight delta, `[out, in]` in f32.
+    pub fn delta(&self) -> candle_core::Result<Tensor> {
+        self.b.as_tensor().matmul(self.a.as_tensor())? * self.scaling
+    }
+}
+
+/// A linear projection `y = x W^T`, optionally adapted with LoRA.
+///
+/// `weight` is the pristine base weight; `merged` holds `W + s·BA` when an
+/// adapter is merged for inference, so that swapping adapters never has to
+/// undo a merge (which would drift in bf16).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// Module path in Hugging Face naming, e.g. `model.layers.3.self_attn.q_proj`.
+    name: String,
+    weight: Tensor,
+    merged: Option<Tensor>,
+    lora: Option<Lora>,
+}
+
+impl Linear {
+    pub fn new(name: String, weight: Tensor) -> Self {
+        Self {
+            name,
+            weight,
+            merged: None,
+            lora: None,
+        }
+    }
+
+    /// Module path in Hugging Face naming (adapter keys are matched on it).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The frozen base weight `[out, in]` (never changed by merging).
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// `[out_features, in_features]`.
+    pub fn shape(&self) -> (usize, usize) {
+        let d = self.weight.dims();
+        (d[0], d[1])
+    }
+
+    /// The attached LoRA pair, if any.
+    pub fn lora(&self) -> Option<&Lora> {
+        self.lora.as_ref()
+    }
+
+    /// Attaches `lora` (or none) unmerged; any merged copy is dropped.
+    pub fn set_lora(&mut self, lora: Option<Lora>) {
+        self.lora = lora;
+        self.merged = None;
+    }
+
+    /// Dropout probability of the attached pair (a no-op without one).
+    pub fn set_lora_dropout(&mut self, p: f64) {
+        if let Some(l) = &mut self.lora {
+            l.dropout = p;
+        }
+    }
+
+    /// Folds the adapter into `merged` (base weight untouched).
+    pub fn merge(&mut self) -> candle_core::Result<()> {
+        self.merged = match &self.lora {
+            Some(l) => {
+                let w = self.weight.to_dtype(DType::F32)?;
+                let delta = l.delta()?.to_device(w.device())?;
+                Some((w + delta)?.to_dtype(self.weight.dtype())?)
+            }
+            None => None,
+        };
+        Ok(())
+    }
+
+    pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
+        let w = self.merged.as_ref().unwrap_or(&self.weight);
+        let y = matmul_t(x, w)?;
+        match (&self.lora, &self.merged) {
+            (Some(lora), None) => {
+                let delta = lora.forward(x, mode)?.to_dtype(y.dtype())?;
+                y + delta
+            }
+            _ => Ok(y),
+        }
+    }
+}
+
+/// Loads the `weight` `[out, inp]` under `vb` as a (not yet adapted) projection
+/// named by its module path.
+pub(crate) fn linear(
+    vb: &candle_nn::VarBuilder,
+    out: usize,
+    inp: usize,
+) -> candle_core::Result<Linear> {
+    Ok(Linear::new(vb.prefix(), vb.get((out, inp), "weight")?))
+}
+
+/// `x W^T` for `x` of any rank, flattening leading dims into one matmul.
+pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims();
+    let Some((&in_features, leading)) = dims.split_last() else {
+        candle_core::bail!("matmul_t needs an input of rank >= 1");
+    };
+    let rows = leading.iter().product::<usize>();
+    let y = x.reshape((rows, in_features))?.matmul(&w.t()?)?;
+    let mut out_dims = leading.to_vec();
+    out_dims.push(w.dim(0)?);
+    y.reshape(out_dims)
+}
