@@ -122,8 +122,11 @@ impl ModelArgs {
         let base = self.load_base()?;
         let mut router = Router::new(base, config)?;
         if let Some(path) = self.adapter_path() {
-            tracing::info!(adapter = %path.display(), "loading adapter");
-            let adapter = Adapter::load(&path)?;
+            // The resolved directory names the version (`model/current` is
+            // a link that moves when a new adapter is promoted).
+            let dir = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;
+            tracing::info!(adapter = %dir.display(), "loading adapter");
+            let adapter = Adapter::load(&dir)?;
             router.set_adapter(Some(&adapter))?;
         }
         Ok(router)
@@ -142,7 +145,11 @@ pub fn fetch_default_model() -> Result<()> {
             path: target,
         });
     }
-    tracing::info!("{} is missing; fetching it with {}", target.display(), script.display());
+    tracing::info!(
+        "{} is missing; fetching it with {}",
+        target.display(),
+        script.display()
+    );
     let status = std::process::Command::new("bash")
         .arg(&script)
         .current_dir(&home)

@@ -347,7 +347,10 @@ mod tests {
         let e = parse(&["--image-backend", "a1111"])
             .resolve(Path::new("."))
             .unwrap_err();
-        assert_eq!(e.to_string(), "IMAGE_BACKEND is set but IMAGE_API_BASE is not");
+        assert_eq!(
+            e.to_string(),
+            "IMAGE_BACKEND is set but IMAGE_API_BASE is not"
+        );
         let e = parse(&["--image-size", "big"])
             .resolve(Path::new("."))
             .unwrap_err();
@@ -358,6 +361,9 @@ mod tests {
     fn secrets_never_print() {
         let args = parse(&["--discord-token", "abc.def.ghi", "--chat-api-key", "sk-123"]);
         let shown = format!("{args:?}");
-        assert!(!shown.contains("abc.def") && !shown.contains("sk-123"), "{shown}");
+        assert!(
+            !shown.contains("abc.def") && !shown.contains("sk-123"),
+            "{shown}"
+        );
     }
 }

@@ -242,6 +242,10 @@ fn ratio(a: usize, b: usize) -> f64 {
     }
 }
 
+/// Situations (`meta.kind`) kept out of every training file, so that the
+/// natural test file measures generalisation to situations never seen.
+pub const HELD_OUT_KINDS: [&str; 3] = ["dreams", "sports", "science-space"];
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -360,7 +364,3 @@ mod tests {
         );
     }
 }
-
-/// Situations (`meta.kind`) kept out of every training file, so that the
-/// natural test file measures generalisation to situations never seen.
-pub const HELD_OUT_KINDS: [&str; 3] = ["dreams", "sports", "science-space"];

@@ -24,7 +24,8 @@ use crate::{Error, Result};
 #[derive(Debug, Clone, PartialEq)]
 pub struct Routed {
     pub decision: Decision,
-    /// Wall time of the batch the message was decided in, in milliseconds.
+    /// Milliseconds from the start of the engine's batch until this
+    /// message's length group was decided (what its caller waited for).
     pub batch_ms: f64,
     /// The adapter directory that decided it (resolved, never a link), if any.
     pub adapter: Option<PathBuf>,
@@ -161,7 +162,9 @@ fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathB
                                 *l = now;
                             }
                         }
-                        Err(e) => tracing::error!(error = %e, "adapter refused; the previous one keeps serving"),
+                        Err(e) => {
+                            tracing::error!(error = %e, "adapter refused; the previous one keeps serving")
+                        }
                     }
                     let _ = reply.send(result);
                 }
@@ -170,30 +173,52 @@ fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathB
     }
 }
 
-/// Decides one batch and answers each caller; a failed batch fails each of
-/// its callers with the same one-line error, and the engine goes on.
+/// Decides the waiting messages and answers each caller as soon as its own
+/// length group is decided (shortest first), so a long message never holds
+/// up the short ones that arrived with it. A failed group fails each of its
+/// callers with the same one-line error, and the engine goes on.
 fn route_batch(router: &mut Router, batch: Vec<(String, oneshot::Sender<Result<Routed>>)>) {
     let started = Instant::now();
     let texts: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
-    let result = router.route_batch(&texts);
-    let batch_ms = started.elapsed().as_secs_f64() * 1e3;
-    let adapter = router.adapter().cloned();
-    match result {
-        Ok(decisions) => {
-            for (decision, (_, reply)) in decisions.into_iter().zip(batch) {
-                let _ = reply.send(Ok(Routed {
-                    decision,
-                    batch_ms,
-                    adapter: adapter.clone(),
-                }));
-            }
-        }
+    let groups = match router.length_groups(&texts) {
+        Ok(g) => g,
         Err(e) => {
-            let msg = e.to_string();
-            tracing::error!(error = %msg, "routing batch failed");
-            for (_, reply) in batch {
-                let _ = reply.send(Err(Error::Engine(msg.clone())));
-            }
+            fail(batch.into_iter().map(|(_, r)| r), &e);
+            return;
         }
+    };
+    let mut replies: Vec<Option<oneshot::Sender<Result<Routed>>>> =
+        batch.iter().map(|_| None).collect();
+    let mut texts_owned = Vec::with_capacity(batch.len());
+    for (i, (text, reply)) in batch.into_iter().enumerate() {
+        replies[i] = Some(reply);
+        texts_owned.push(text);
+    }
+    for group in groups {
+        let chunk: Vec<&str> = group.iter().map(|&i| texts_owned[i].as_str()).collect();
+        let result = router.route_batch(&chunk);
+        let batch_ms = started.elapsed().as_secs_f64() * 1e3;
+        let adapter = router.adapter().cloned();
+        let senders = group.iter().filter_map(|&i| replies[i].take());
+        match result {
+            Ok(decisions) => {
+                for (decision, reply) in decisions.into_iter().zip(senders) {
+                    let _ = reply.send(Ok(Routed {
+                        decision,
+                        batch_ms,
+                        adapter: adapter.clone(),
+                    }));
+                }
+            }
+            Err(e) => fail(senders, &e),
+        }
+    }
+}
+
+fn fail(replies: impl Iterator<Item = oneshot::Sender<Result<Routed>>>, e: &Error) {
+    let msg = e.to_string();
+    tracing::error!(error = %msg, "routing batch failed");
+    for reply in replies {
+        let _ = reply.send(Err(Error::Engine(msg.clone())));
     }
 }

@@ -216,7 +216,8 @@ pub struct Stats {
 
 /// Schema migrations; `PRAGMA user_version` is the number applied so far.
 /// Append only: never edit a migration that has shipped.
-const MIGRATIONS: &[&str] = &["
+const MIGRATIONS: &[&str] = &[
+    "
 CREATE TABLE decisions (
     user_message_id  INTEGER PRIMARY KEY,
     reply_message_id INTEGER,
@@ -249,14 +250,16 @@ CREATE TABLE flags (
 -- At most one live flag per decision, even with several bot processes.
 CREATE UNIQUE INDEX flags_one_live ON flags(user_message_id) WHERE retracted_at_ms IS NULL;
 CREATE INDEX decisions_created ON decisions(created_at_ms);
-", "
+",
+    "
 -- The corrected answer is stored with the claim, and each training row
 -- (the flag's, then its retraction's) is marked once it is in the feedback
 -- file: a crash between claim and append is repaired at start-up.
 ALTER TABLE flags ADD COLUMN corrected TEXT NOT NULL DEFAULT '';
 ALTER TABLE flags ADD COLUMN row_written INTEGER NOT NULL DEFAULT 1;
 ALTER TABLE flags ADD COLUMN retraction_written INTEGER NOT NULL DEFAULT 1;
-"];
+",
+];
 
 /// A training row the record has claimed but the feedback file may lack.
 #[derive(Debug, Clone, PartialEq)]
@@ -573,12 +576,11 @@ impl Record {
         let tx = conn
             .transaction_with_behavior(TransactionBehavior::Immediate)
             .map_err(self.sql("begin"))?;
-        let decision = match flag_check(&tx, reply_message_id, target)
-            .map_err(self.sql("check flag"))?
-        {
-            Ok(d) => d,
-            Err(outcome) => return Ok(outcome),
-        };
+        let decision =
+            match flag_check(&tx, reply_message_id, target).map_err(self.sql("check flag"))? {
+                Ok(d) => d,
+                Err(outcome) => return Ok(outcome),
+            };
         tx.execute(
             "INSERT INTO flags (user_message_id, reply_message_id, flagger_id, target, flagged_at_ms, \
              corrected, row_written) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 0)",
@@ -654,7 +656,9 @@ impl Record {
         };
         self.conn()
             .execute(
-                &format!("UPDATE flags SET {column} = 1 WHERE user_message_id = ?1 AND {when} = ?2"),
+                &format!(
+                    "UPDATE flags SET {column} = 1 WHERE user_message_id = ?1 AND {when} = ?2"
+                ),
                 params![sql_id(user_message_id), at_ms],
             )
             .map_err(self.sql("mark row written"))?;
@@ -691,7 +695,8 @@ impl Record {
             .map_err(self.sql("list unwritten rows"))?;
         drop(stmt);
         let mut out = Vec::new();
-        for (reply, flagger, target, corrected, at, retracted_at, row_ok, retraction_ok, user) in raw
+        for (reply, flagger, target, corrected, at, retracted_at, row_ok, retraction_ok, user) in
+            raw
         {
             let Some(decision) =
                 decision_by_user(&conn, user).map_err(self.sql("find by user message"))?
@@ -1329,34 +1334,52 @@ mod tests {
         let (reply, mod_a, mod_b) = (1001, 10, 11);
 
         assert_eq!(
-            record.flag(999, mod_a, RouteKind::Image, 5, "fixed").unwrap(),
+            record
+                .flag(999, mod_a, RouteKind::Image, 5, "fixed")
+                .unwrap(),
             FlagOutcome::NotOurReply
         );
         assert_eq!(
             record
-                .flag(drawn.reply_message_id.unwrap(), mod_a, RouteKind::Chat, 5, "fixed")
+                .flag(
+                    drawn.reply_message_id.unwrap(),
+                    mod_a,
+                    RouteKind::Chat,
+                    5,
+                    "fixed"
+                )
                 .unwrap(),
             FlagOutcome::ExplicitRequest
         );
         assert_eq!(
-            record.flag(reply, mod_a, RouteKind::Chat, 5, "fixed").unwrap(),
+            record
+                .flag(reply, mod_a, RouteKind::Chat, 5, "fixed")
+                .unwrap(),
             FlagOutcome::Agrees
         );
         assert_eq!(
-            record.flag(reply, mod_a, RouteKind::Image, 5, "fixed").unwrap(),
+            record
+                .flag(reply, mod_a, RouteKind::Image, 5, "fixed")
+                .unwrap(),
             FlagOutcome::Recorded(chat.clone())
         );
         // First flag wins: the same moderator again, another moderator, either target.
         assert_eq!(
-            record.flag(reply, mod_a, RouteKind::Image, 6, "fixed").unwrap(),
+            record
+                .flag(reply, mod_a, RouteKind::Image, 6, "fixed")
+                .unwrap(),
             FlagOutcome::Duplicate
         );
         assert_eq!(
-            record.flag(reply, mod_b, RouteKind::Image, 6, "fixed").unwrap(),
+            record
+                .flag(reply, mod_b, RouteKind::Image, 6, "fixed")
+                .unwrap(),
             FlagOutcome::Duplicate
         );
         assert_eq!(
-            record.flag(reply, mod_b, RouteKind::Chat, 6, "fixed").unwrap(),
+            record
+                .flag(reply, mod_b, RouteKind::Chat, 6, "fixed")
+                .unwrap(),
             FlagOutcome::Duplicate
         );
 
@@ -1374,7 +1397,9 @@ mod tests {
             None
         );
         assert_eq!(
-            record.flag(reply, mod_b, RouteKind::Image, 7, "fixed").unwrap(),
+            record
+                .flag(reply, mod_b, RouteKind::Image, 7, "fixed")
+                .unwrap(),
             FlagOutcome::Duplicate
         );
         assert_eq!(
@@ -1388,12 +1413,20 @@ mod tests {
 
         // Retracted: a new flag counts again, by anyone.
         assert_eq!(
-            record.flag(reply, mod_b, RouteKind::Image, 9, "fixed").unwrap(),
+            record
+                .flag(reply, mod_b, RouteKind::Image, 9, "fixed")
+                .unwrap(),
             FlagOutcome::Recorded(chat)
         );
         assert_eq!(
             record
-                .flag(console.reply_message_id.unwrap(), mod_a, RouteKind::Chat, 9, "fixed")
+                .flag(
+                    console.reply_message_id.unwrap(),
+                    mod_a,
+                    RouteKind::Chat,
+                    9,
+                    "fixed"
+                )
                 .unwrap(),
             FlagOutcome::Recorded(console)
         );

@@ -12,8 +12,8 @@ use crate::backends::chat::{ChatBackend, ChatMessage};
 use crate::backends::image::{GeneratedImage, ImageBackend};
 use crate::engine::Engine;
 use crate::feedback::{
-    DecisionRow, FeedbackError, FeedbackLog, FeedbackRow, FlagOutcome, Origin, Record,
-    ReportLog, ReportRow, RouteKind, Stats,
+    DecisionRow, FeedbackError, FeedbackLog, FeedbackRow, FlagOutcome, Origin, Record, ReportLog,
+    ReportRow, RouteKind, Stats,
 };
 use crate::prompt::render_call;
 use crate::router::Route;
@@ -385,7 +385,8 @@ impl Responder {
             }
         }
         let row = FeedbackRow::new(&decision, corrected, target, flagger_id, now, false);
-        self.write_row(&row, decision.user_message_id, now, false).await;
+        self.write_row(&row, decision.user_message_id, now, false)
+            .await;
         tracing::info!(
             reply = reply_message_id,
             flagger = flagger_id,
@@ -410,13 +411,24 @@ impl Responder {
             return false;
         };
         let row = FeedbackRow::new(&decision, corrected, target, flagger_id, now, true);
-        self.write_row(&row, decision.user_message_id, now, true).await;
-        tracing::info!(reply = reply_message_id, flagger = flagger_id, "flag retracted");
+        self.write_row(&row, decision.user_message_id, now, true)
+            .await;
+        tracing::info!(
+            reply = reply_message_id,
+            flagger = flagger_id,
+            "flag retracted"
+        );
         true
     }
 
     /// Appends a training row, then marks it written in the record.
-    async fn write_row(&self, row: &FeedbackRow, user_message_id: u64, at_ms: i64, retraction: bool) {
+    async fn write_row(
+        &self,
+        row: &FeedbackRow,
+        user_message_id: u64,
+        at_ms: i64,
+        retraction: bool,
+    ) {
         if let Err(e) = self.feedback.append(row) {
             // The claim stays unwritten in the record; the next start writes it.
             tracing::error!(error = %e, "cannot append a feedback row");
@@ -451,7 +463,10 @@ impl Responder {
                 .await?;
         }
         if appended > 0 {
-            tracing::warn!(appended, "feedback rows left unwritten by a crash were written");
+            tracing::warn!(
+                appended,
+                "feedback rows left unwritten by a crash were written"
+            );
         }
         Ok(appended)
     }
@@ -543,13 +558,19 @@ mod tests {
         assert_eq!(l.check(1, t0), Verdict::Allowed);
         assert_eq!(l.check(1, t0), Verdict::Allowed);
         assert_eq!(l.check(1, t0), Verdict::LimitedTell);
-        assert_eq!(l.check(1, t0 + Duration::from_secs(1)), Verdict::LimitedQuiet);
+        assert_eq!(
+            l.check(1, t0 + Duration::from_secs(1)),
+            Verdict::LimitedQuiet
+        );
         // Another user is not affected.
         assert_eq!(l.check(2, t0), Verdict::Allowed);
         // A minute after the first message, one slot frees up.
         assert_eq!(l.check(1, t0 + Duration::from_secs(60)), Verdict::Allowed);
         assert_eq!(l.check(1, t0 + Duration::from_secs(60)), Verdict::Allowed);
-        assert_eq!(l.check(1, t0 + Duration::from_secs(61)), Verdict::LimitedTell);
+        assert_eq!(
+            l.check(1, t0 + Duration::from_secs(61)),
+            Verdict::LimitedTell
+        );
         assert_eq!(RateLimiter::new(0).check(1, t0), Verdict::Allowed);
     }
 

@@ -35,7 +35,7 @@ pub enum Route {
 }
 
 /// The router's answer for one message.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Decision {
     pub route: Route,
     /// The image prompt, for image routes.
@@ -46,6 +46,19 @@ pub struct Decision {
     pub new_tokens: usize,
     /// Probability of the call opening at the first generated position.
     pub call_probability: f32,
+}
+
+/// Decisions are equal when they route and write the same; their call
+/// probabilities need only agree to 1e-4, since batching changes the order
+/// of float sums.
+impl PartialEq for Decision {
+    fn eq(&self, other: &Self) -> bool {
+        self.route == other.route
+            && self.prompt == other.prompt
+            && self.output == other.output
+            && self.new_tokens == other.new_tokens
+            && (self.call_probability - other.call_probability).abs() <= 1e-4
+    }
 }
 
 /// Knobs of the decision procedure.
@@ -84,10 +97,48 @@ pub struct Router {
     base: BaseModel,
     pub config: RouterConfig,
     adapter: Option<PathBuf>,
+    /// The adapter's recorded call threshold (its `router.json`), used when
+    /// `config.call_threshold` is not set.
+    adapter_threshold: Option<f32>,
     /// Prompt prefix ids and their cached keys/values (batch of one).
     /// Cleared whenever the adapter changes: LoRA on k/v changes them.
     prefix: Option<(Vec<u32>, Cache)>,
     call_prefix_ids: Vec<u32>,
+}
+
+/// What the trainer records next to an adapter for the router
+/// (`router.json`): the call threshold chosen on the validation split.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdapterMeta {
+    pub call_threshold: Option<f32>,
+}
+
+impl AdapterMeta {
+    pub const FILE: &'static str = "router.json";
+
+    /// The adapter's metadata; none recorded is the default.
+    pub fn load(dir: &std::path::Path) -> Result<Self> {
+        let path = dir.join(Self::FILE);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => serde_json::from_str(&text).map_err(|e| Error::Json {
+                path,
+                line: None,
+                message: e.to_string(),
+            }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
+            Err(e) => Err(Error::io(path, e)),
+        }
+    }
+
+    pub fn save(&self, dir: &std::path::Path) -> Result<()> {
+        let path = dir.join(Self::FILE);
+        let text = serde_json::to_string_pretty(self).map_err(|e| Error::Json {
+            path: path.clone(),
+            line: None,
+            message: e.to_string(),
+        })?;
+        std::fs::write(&path, text).map_err(|e| Error::io(path, e))
+    }
 }
 
 /// How the first token of a reply is chosen.
@@ -121,6 +172,7 @@ impl Router {
             base,
             config,
             adapter: None,
+            adapter_threshold: None,
             prefix: None,
             call_prefix_ids,
         })
@@ -137,6 +189,11 @@ impl Router {
         &mut self.base
     }
 
+    /// The call threshold in force: the configured one, else the adapter's.
+    pub fn call_threshold(&self) -> Option<f32> {
+        self.config.call_threshold.or(self.adapter_threshold)
+    }
+
     /// The adapter in use, if any.
     pub fn adapter(&self) -> Option<&PathBuf> {
         self.adapter.as_ref()
@@ -147,12 +204,15 @@ impl Router {
     pub fn set_adapter(&mut self, adapter: Option<&Adapter>) -> Result<()> {
         match adapter {
             Some(a) => {
+                let meta = AdapterMeta::load(&a.path)?;
                 a.apply(&mut self.base.decoder, true)?;
                 self.adapter = Some(a.path.clone());
+                self.adapter_threshold = meta.call_threshold;
             }
             None => {
                 self.base.decoder.clear_adapter();
                 self.adapter = None;
+                self.adapter_threshold = None;
             }
         }
         self.prefix = None;
@@ -199,11 +259,45 @@ impl Router {
     }
 
     fn decide_batch(&mut self, texts: &[&str], opening: Opening) -> Result<Vec<Decision>> {
-        let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(self.config.max_batch.max(1)) {
-            out.extend(self.route_chunk(chunk, opening)?);
+        let mut out: Vec<Option<Decision>> = vec![None; texts.len()];
+        for group in self.length_groups(texts)? {
+            let chunk: Vec<&str> = group.iter().map(|&i| texts[i]).collect();
+            for (i, d) in group.into_iter().zip(self.route_chunk(&chunk, opening)?) {
+                out[i] = Some(d);
+            }
         }
-        Ok(out)
+        out.into_iter()
+            .map(|d| d.ok_or(Error::Engine("a message was left undecided".into())))
+            .collect()
+    }
+
+    /// Splits messages into the batches they are decided in: ordered by
+    /// input length, at most `max_batch` each, and a new batch wherever a
+    /// message is more than twice as long as the batch's shortest (plus a
+    /// little slack), so that short messages are never padded to a long
+    /// one's length. Indices into `texts`, shortest batch first.
+    pub fn length_groups(&self, texts: &[&str]) -> Result<Vec<Vec<usize>>> {
+        const SLACK: usize = 32;
+        let format = &self.base.format;
+        let mut lengths = Vec::with_capacity(texts.len());
+        for (i, t) in texts.iter().enumerate() {
+            let n = format.user_ids(t)?.len().min(self.config.max_input_tokens);
+            lengths.push((n, i));
+        }
+        lengths.sort_unstable();
+        let max = self.config.max_batch.max(1);
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        let mut shortest = 0;
+        for (n, i) in lengths {
+            match groups.last_mut() {
+                Some(g) if g.len() < max && n <= 2 * shortest + SLACK => g.push(i),
+                _ => {
+                    shortest = n;
+                    groups.push(vec![i]);
+                }
+            }
+        }
+        Ok(groups)
     }
 
     /// The first token of each active row: the arg-max, unless the call
@@ -212,10 +306,13 @@ impl Router {
     fn first_tokens(&self, logits: &Tensor, opening: Opening) -> Result<(Vec<u32>, Vec<f32>)> {
         let call = self.call_prefix_ids[0];
         let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(candle_core::DType::F32)?)?;
-        let p_call = probs.narrow(1, call as usize, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+        let p_call = probs
+            .narrow(1, call as usize, 1)?
+            .squeeze(1)?
+            .to_vec1::<f32>()?;
         let mut tokens = logits.argmax(1)?.to_vec1::<u32>()?;
         for (k, tok) in tokens.iter_mut().enumerate() {
-            let want_call = match (opening, self.config.call_threshold) {
+            let want_call = match (opening, self.call_threshold()) {
                 (Opening::Call, _) => true,
                 (Opening::Free, Some(t)) => p_call[k] >= t,
                 (Opening::Free, None) => continue,

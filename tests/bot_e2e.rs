@@ -49,9 +49,18 @@ fn env(
     let mut e: BTreeMap<String, String> = BTreeMap::new();
     e.insert("DISCORD_TOKEN".into(), fake.config().token.clone());
     e.insert("DISCORD_API_BASE".into(), fake.base_url());
-    e.insert("ROUTER_DB".into(), dir.join("router.sqlite3").display().to_string());
-    e.insert("FEEDBACK_FILE".into(), dir.join("feedback.jsonl").display().to_string());
-    e.insert("REPORTS_FILE".into(), dir.join("reports.jsonl").display().to_string());
+    e.insert(
+        "ROUTER_DB".into(),
+        dir.join("router.sqlite3").display().to_string(),
+    );
+    e.insert(
+        "FEEDBACK_FILE".into(),
+        dir.join("feedback.jsonl").display().to_string(),
+    );
+    e.insert(
+        "REPORTS_FILE".into(),
+        dir.join("reports.jsonl").display().to_string(),
+    );
     e.insert("ROUTER_DEVICE".into(), "cpu".into());
     e.insert("RATE_LIMIT_PER_MINUTE".into(), "0".into());
     if let Some(b) = image {
@@ -96,11 +105,18 @@ async fn wait_rows(path: &Path, n: usize, bot: &BotProcess) -> Vec<Value> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("{} never reached {n} rows; bot stderr:\n{}", path.display(), bot.stderr());
+    panic!(
+        "{} never reached {n} rows; bot stderr:\n{}",
+        path.display(),
+        bot.stderr()
+    );
 }
 
 fn no_pings(m: &SentMessage) {
-    let am = m.allowed_mentions.clone().expect("allowed_mentions set on every message");
+    let am = m
+        .allowed_mentions
+        .clone()
+        .expect("allowed_mentions set on every message");
     assert_eq!(am["parse"], json!([]), "{am}");
     assert!(am.get("roles").is_none_or(|r| r == &json!([])), "{am}");
 }
@@ -112,7 +128,13 @@ async fn routes_draws_chats_takes_flags_and_survives_a_failing_backend() {
     let images = backends::start().await;
     let chat = backends::start().await;
     chat.set_reply("Ghibli: soft watercolour skies, @everyone look! <@&100000000000000201>");
-    let e = env(&fake, Some(&images), Some(&chat), bot::default_model_env(), dir.path());
+    let e = env(
+        &fake,
+        Some(&images),
+        Some(&chat),
+        bot::default_model_env(),
+        dir.path(),
+    );
     let bot = BotProcess::start(dir.path(), &["serve"], &e);
     fake.wait_ready(WAIT).await;
 
@@ -126,17 +148,18 @@ async fn routes_draws_chats_takes_flags_and_survives_a_failing_backend() {
     assert!(pic.content.contains("狐狸"), "{}", pic.content);
     no_pings(&pic);
     let sent = images.requests();
-    assert!(sent[0].json["prompt"]
-        .as_str()
-        .unwrap()
-        .contains("狐狸"));
+    assert!(sent[0].json["prompt"].as_str().unwrap().contains("狐狸"));
 
     // A question gets the chat backend's text; @everyone in it pings nobody.
     let q = fake
         .user_message(GENERAL, &alice(), "吉卜力風格的主要元素有哪些？")
         .await;
     let text = reply_to(&fake, q, &bot).await;
-    assert!(text.content.starts_with("Ghibli: soft watercolour"), "{}", text.content);
+    assert!(
+        text.content.starts_with("Ghibli: soft watercolour"),
+        "{}",
+        text.content
+    );
     assert!(text.files.is_empty());
     no_pings(&text);
 
@@ -147,9 +170,15 @@ async fn routes_draws_chats_takes_flags_and_survives_a_failing_backend() {
     let rows = wait_rows(&feedback, 1, &bot).await;
     assert_eq!(rows.len(), 1);
     let row = &rows[0];
-    assert_eq!(row["messages"][0]["content"], "吉卜力風格的主要元素有哪些？");
+    assert_eq!(
+        row["messages"][0]["content"],
+        "吉卜力風格的主要元素有哪些？"
+    );
     let corrected = row["messages"][1]["content"].as_str().unwrap();
-    assert!(matches!(parse_reply(corrected), Reply::Call { .. }), "{corrected}");
+    assert!(
+        matches!(parse_reply(corrected), Reply::Call { .. }),
+        "{corrected}"
+    );
     assert_eq!(row["meta"]["original_route"], "chat");
     assert_eq!(row["meta"]["flagger_id"], mod_mia().id.to_string());
     assert_eq!(row["meta"]["retracted"], false);
@@ -177,7 +206,8 @@ async fn routes_draws_chats_takes_flags_and_survives_a_failing_backend() {
     let reports = dir.path().join("reports.jsonl");
     wait_rows(&reports, 1, &bot).await;
     // A later event that does write proves the three above were handled.
-    fake.reaction_remove(GENERAL, text.id, &mod_mia(), "🖼").await;
+    fake.reaction_remove(GENERAL, text.id, &mod_mia(), "🖼")
+        .await;
     let rows = wait_rows(&feedback, 2, &bot).await;
     assert_eq!(rows.len(), 2, "{rows:?}");
     assert_eq!(rows[1]["meta"]["retracted"], true);
@@ -194,7 +224,11 @@ async fn routes_draws_chats_takes_flags_and_survives_a_failing_backend() {
         .await;
     let sorry = reply_to(&fake, fail, &bot).await;
     assert!(sorry.files.is_empty());
-    assert!(!sorry.content.contains("CUDA out of memory"), "{}", sorry.content);
+    assert!(
+        !sorry.content.contains("CUDA out of memory"),
+        "{}",
+        sorry.content
+    );
     images.set_fault(None);
     let again = fake
         .user_message(GENERAL, &bob(), "幫我畫一隻戴墨鏡的橘貓")
@@ -220,19 +254,82 @@ async fn routes_draws_chats_takes_flags_and_survives_a_failing_backend() {
             WAIT,
         )
         .await;
-    assert!(drawn.json["content"].as_str().unwrap().contains("a red bicycle"));
+    assert!(drawn.json["content"]
+        .as_str()
+        .unwrap()
+        .contains("a red bicycle"));
     assert_eq!(
         images.requests().last().unwrap().json["prompt"],
         "a red bicycle"
     );
 
+    // The message command "Route: chat" on the picture reply, by a
+    // moderator: one more row, the answer replaced by chat text in place.
+    fake.interaction_message_command(GENERAL, &mod_max(), "Route: chat", pic.id)
+        .await;
+    let rows = wait_rows(&feedback, 3, &bot).await;
+    assert_eq!(
+        rows[2]["messages"][0]["content"],
+        "幫我畫一隻在月光下彈吉他的狐狸"
+    );
+    assert_eq!(rows[2]["meta"]["corrected_route"], "chat");
+    assert!(matches!(
+        parse_reply(rows[2]["messages"][1]["content"].as_str().unwrap()),
+        Reply::Chat(_)
+    ));
+    fake.wait_for(
+        |s| {
+            s.bot_messages
+                .iter()
+                .any(|m| m.id == pic.id && m.edited && m.files.is_empty())
+                .then_some(())
+        },
+        WAIT,
+    )
+    .await;
+    // The same command from a non-moderator is refused.
+    fake.interaction_message_command(GENERAL, &bob(), "Route: image", text.id)
+        .await;
+    // /router-stats for a moderator.
+    let before = fake.interaction_responses().len();
+    fake.interaction_command(GENERAL, &mod_mia(), "router-stats", vec![])
+        .await;
+    let stats = fake
+        .wait_for(
+            |s| {
+                s.interaction_responses[before..]
+                    .iter()
+                    .find(|r| r.json.to_string().contains("Messages routed"))
+                    .cloned()
+            },
+            WAIT,
+        )
+        .await;
+    let stats = stats.json.to_string();
+    assert!(stats.contains("gemma3-270m"), "{stats}");
+    assert!(
+        fake.interaction_responses()
+            .iter()
+            .any(|r| r.json.to_string().contains("for moderators")),
+        "the non-moderator's command was not refused"
+    );
+    assert_eq!(jsonl(&feedback).len(), 3);
+
     // Commands were registered; secrets never reached the logs.
     assert!(fake.state().commands.contains_key(&None));
     let log = bot.stderr();
-    for secret in [&fake.config().token, "sk-image-secret-42", "sk-chat-secret-42"] {
+    for secret in [
+        &fake.config().token,
+        "sk-image-secret-42",
+        "sk-chat-secret-42",
+    ] {
         assert!(!log.contains(secret), "a secret reached the log");
     }
-    assert!(fake.unhandled_requests().is_empty(), "{:?}", fake.unhandled_requests());
+    assert!(
+        fake.unhandled_requests().is_empty(),
+        "{:?}",
+        fake.unhandled_requests()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -279,7 +376,10 @@ async fn two_hundred_messages_from_twenty_users_each_answered_once_or_rate_limit
     tokio::time::sleep(Duration::from_secs(2)).await;
     let replies_now = fake.bot_messages();
     assert_eq!(
-        replies_now.iter().filter(|m| m.reference_message_id.is_some()).count(),
+        replies_now
+            .iter()
+            .filter(|m| m.reference_message_id.is_some())
+            .count(),
         120,
         "more replies than expected"
     );
@@ -315,7 +415,9 @@ async fn kill_9_while_flags_are_written_then_restart_and_flags_still_resolve() {
     let mut replies = Vec::new();
     for i in 0..30u64 {
         let u = FakeUser::new(400_000_000_000_000_000 + i, &format!("u{i}"));
-        let id = fake.user_message(GENERAL, &u, &format!("tell me something {i}")).await;
+        let id = fake
+            .user_message(GENERAL, &u, &format!("tell me something {i}"))
+            .await;
         replies.push(id);
     }
     let mut bot_replies = Vec::new();
@@ -421,7 +523,10 @@ async fn a_promoted_adapter_goes_live_while_messages_flow_and_a_broken_one_is_re
     let first = adapter_of(ids[0]);
     let last = adapter_of(ids[29]);
     assert!(first.ends_with("adapters/a"), "{first}");
-    assert!(last.ends_with("adapters/b"), "the broken adapter must not replace b: {last}");
+    assert!(
+        last.ends_with("adapters/b"),
+        "the broken adapter must not replace b: {last}"
+    );
     assert!(bot.stderr().contains("refused"), "{}", bot.stderr());
 }
 
@@ -476,7 +581,10 @@ async fn missing_malformed_and_rejected_tokens_are_one_line_errors() {
         let err = bot.stderr();
         let last = err.lines().last().unwrap_or_default();
         assert!(last.starts_with("error: ") && last.contains(want), "{err}");
-        assert!(!err.contains("panicked") && !err.contains("wrong.bot.token"), "{err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("wrong.bot.token"),
+            "{err}"
+        );
     }
 }
 
@@ -504,20 +612,29 @@ fn console_routes_flags_and_works_without_configuration() {
         .stdin
         .take()
         .unwrap()
-        .write_all("幫我畫一隻在月光下彈吉他的狐狸\n吉卜力風格的主要元素有哪些？\n/flag image\n".as_bytes())
+        .write_all(
+            "幫我畫一隻在月光下彈吉他的狐狸\n吉卜力風格的主要元素有哪些？\n/flag image\n"
+                .as_bytes(),
+        )
         .unwrap();
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
     let lines: Vec<&str> = stdout.lines().collect();
-    assert!(lines[0].starts_with("🎨 image  prompt: ") && lines[0].contains("狐狸"), "{stdout}");
+    assert!(
+        lines[0].starts_with("🎨 image  prompt: ") && lines[0].contains("狐狸"),
+        "{stdout}"
+    );
     assert!(stdout.contains("no image backend"), "{stdout}");
     assert!(stdout.contains("no chat backend"), "{stdout}");
     assert!(stdout.contains("flag recorded"), "{stdout}");
     // Defaults resolve against the home: the record and the feedback row.
     let rows = jsonl(&dir.path().join("datas/feedback/discord.jsonl"));
     assert_eq!(rows.len(), 1);
-    assert_eq!(rows[0]["messages"][0]["content"], "吉卜力風格的主要元素有哪些？");
+    assert_eq!(
+        rows[0]["messages"][0]["content"],
+        "吉卜力風格的主要元素有哪些？"
+    );
     assert!(dir.path().join("var/router.sqlite3").exists());
 }

@@ -102,13 +102,22 @@ fn natural_training_rows_cover_twenty_kinds_five_languages_about_half_calls() {
     assert!(train.len() >= 1500, "{} natural training rows", train.len());
     let calls = train.iter().filter(|r| r.is_call()).count();
     let share = calls as f64 / train.len() as f64;
-    assert!((0.45..=0.55).contains(&share), "{calls} calls of {}", train.len());
+    assert!(
+        (0.45..=0.55).contains(&share),
+        "{calls} calls of {}",
+        train.len()
+    );
     let mut kinds: BTreeMap<&str, usize> = BTreeMap::new();
     let mut langs: HashSet<&str> = HashSet::new();
     for r in &train {
         *kinds.entry(meta(r, "kind")).or_default() += 1;
         langs.insert(meta(r, "lang"));
-        assert!(!meta(r, "intent").is_empty(), "{}:{}", r.source.display(), r.line);
+        assert!(
+            !meta(r, "intent").is_empty(),
+            "{}:{}",
+            r.source.display(),
+            r.line
+        );
     }
     assert!(kinds.len() >= 20, "{kinds:?}");
     for l in ["zh-TW", "zh-CN", "en", "mixed", "discord"] {
@@ -146,6 +155,14 @@ fn natural_test_is_half_calls_with_hard_negatives_and_hard_positives() {
             .filter(|r| r.meta.as_ref().and_then(|m| m["hard"].as_bool()) == Some(true))
             .count()
     };
-    assert!(hard(&chat) * 2 >= chat.len(), "hard negatives {}", hard(&chat));
-    assert!(hard(&calls) * 3 >= calls.len(), "hard positives {}", hard(&calls));
+    assert!(
+        hard(&chat) * 2 >= chat.len(),
+        "hard negatives {}",
+        hard(&chat)
+    );
+    assert!(
+        hard(&calls) * 3 >= calls.len(),
+        "hard positives {}",
+        hard(&calls)
+    );
 }

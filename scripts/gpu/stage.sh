@@ -10,14 +10,16 @@ set -euo pipefail
 mkdir -p /tmp/stage /tmp/bin
 shopt -s nullglob
 for w in .stage/*.whl; do cp "$w" /tmp/stage/; done
-mkdir -p /tmp/stage/pieces
+mkdir -p /tmp/stage/pieces /tmp/stage/gguf
 for p in .stage/pieces/*; do cp "$p" /tmp/stage/pieces/; done
+# Or the GGUF itself cut in pieces (`split -b 46M model/<gguf> .stage/gguf/part.`).
+for p in .stage/gguf/*; do cp "$p" /tmp/stage/gguf/; done
 for b in .gpu/*.xz; do
   name=$(basename "$b" .xz)
   xz -dc "$b" > "/tmp/bin/$name"
   chmod +x "/tmp/bin/$name"
 done
-echo "staged: $(ls /tmp/stage /tmp/stage/pieces | tr '\n' ' ')"
+echo "staged: $(ls /tmp/stage /tmp/stage/pieces /tmp/stage/gguf | tr '\n' ' ')"
 echo "binaries: $(ls /tmp/bin | tr '\n' ' ')"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 if [[ "${SMOKE:-0}" == 1 && -x /tmp/bin/bot ]]; then

@@ -6,8 +6,8 @@
 //! handler checks again.
 
 use serenity::all::{
-    Command, CommandInteraction, CommandOptionType, CommandType, Context,
-    CreateAttachment, CreateCommand, CreateCommandOption, CreateInteractionResponse,
+    Command, CommandInteraction, CommandOptionType, CommandType, Context, CreateAttachment,
+    CreateCommand, CreateCommandOption, CreateInteractionResponse,
     CreateInteractionResponseMessage, EditInteractionResponse, MessageId, Permissions,
 };
 
@@ -126,7 +126,12 @@ async fn draw(bot: &Bot, ctx: &Context, cmd: &CommandInteraction) {
         .trim()
         .to_string();
     if prompt.is_empty() {
-        return respond(ctx, cmd, "Tell me what to draw: `/draw prompt: a cat in space`.").await;
+        return respond(
+            ctx,
+            cmd,
+            "Tell me what to draw: `/draw prompt: a cat in space`.",
+        )
+        .await;
     }
     let responder = &bot.responder;
     match responder.admit(cmd.user.id.get()) {
@@ -153,9 +158,13 @@ async fn draw(bot: &Bot, ctx: &Context, cmd: &CommandInteraction) {
     let answer = responder.draw(&prompt).await;
     let mut edit = EditInteractionResponse::new().allowed_mentions(mentions());
     edit = match &answer {
-        Answer::Image { prompt, image } => edit.content(image_caption(prompt)).new_attachment(
-            CreateAttachment::bytes(image.bytes.clone(), format!("image.{}", image.format.extension())),
-        ),
+        Answer::Image { prompt, image } => {
+            edit.content(image_caption(prompt))
+                .new_attachment(CreateAttachment::bytes(
+                    image.bytes.clone(),
+                    format!("image.{}", image.format.extension()),
+                ))
+        }
         other => edit.content(render(other).pieces.concat()),
     };
     match cmd.edit_response(&ctx.http, edit).await {

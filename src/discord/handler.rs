@@ -7,8 +7,8 @@ use std::sync::Arc;
 
 use serenity::all::{
     ChannelId, Context, CreateAllowedMentions, CreateAttachment, CreateMessage, EditMessage,
-    EventHandler, GetMessages, GuildId, Http, Interaction, Member, Message, MessageId,
-    Reaction, ReactionType, Ready, UserId,
+    EventHandler, GetMessages, GuildId, Http, Interaction, Member, Message, MessageId, Reaction,
+    ReactionType, Ready, UserId,
 };
 use serenity::async_trait;
 
@@ -70,9 +70,7 @@ impl EventHandler for Handler {
 impl Handler {
     /// Counts the event as in flight, unless the bot is shutting down.
     fn track(&self) -> Option<tokio_util::task::task_tracker::TaskTrackerToken> {
-        self.bot
-            .accepting()
-            .then(|| self.bot.in_flight.token())
+        self.bot.accepting().then(|| self.bot.in_flight.token())
     }
 }
 
@@ -102,7 +100,13 @@ async fn on_message(bot: &Bot, ctx: &Context, msg: &Message) {
     match responder.admit(msg.author.id.get()) {
         Verdict::Allowed => {}
         Verdict::LimitedTell => {
-            send_answer(&ctx.http, msg.channel_id, Some(msg.id), &Answer::RateLimited).await;
+            send_answer(
+                &ctx.http,
+                msg.channel_id,
+                Some(msg.id),
+                &Answer::RateLimited,
+            )
+            .await;
             return;
         }
         Verdict::LimitedQuiet => return,
@@ -290,7 +294,11 @@ async fn on_flag(bot: &Bot, ctx: &Context, r: &Reaction) {
         return; // the bot's own reactions never count
     }
     let Some(target) = reaction_name(r).and_then(|e| {
-        flag_target(&e, &bot.settings.flag_image_emoji, &bot.settings.flag_chat_emoji)
+        flag_target(
+            &e,
+            &bot.settings.flag_image_emoji,
+            &bot.settings.flag_chat_emoji,
+        )
     }) else {
         return;
     };
@@ -298,7 +306,16 @@ async fn on_flag(bot: &Bot, ctx: &Context, r: &Reaction) {
         return; // not the bot's message
     }
     let moderator = is_moderator(bot, ctx, r.guild_id, r.channel_id, r.member.as_ref());
-    apply_flag(bot, ctx, r.channel_id, r.message_id, user, target, moderator).await;
+    apply_flag(
+        bot,
+        ctx,
+        r.channel_id,
+        r.message_id,
+        user,
+        target,
+        moderator,
+    )
+    .await;
 }
 
 /// A flag from a reaction or a message command: record it, then acknowledge
@@ -330,7 +347,11 @@ pub async fn apply_flag(
             fix_in_place(&ctx.http, channel, reply, fix).await;
         }
         FlagResult::Reported => {
-            tracing::info!(reply = reply.get(), user = user.get(), "flag from a non-moderator counted in the reports file");
+            tracing::info!(
+                reply = reply.get(),
+                user = user.get(),
+                "flag from a non-moderator counted in the reports file"
+            );
         }
         FlagResult::Ignored(why) => {
             tracing::debug!(reply = reply.get(), why, "flag ignored");
@@ -345,7 +366,11 @@ async fn on_unflag(bot: &Bot, ctx: &Context, r: &Reaction) {
         return;
     }
     let Some(target) = reaction_name(r).and_then(|e| {
-        flag_target(&e, &bot.settings.flag_image_emoji, &bot.settings.flag_chat_emoji)
+        flag_target(
+            &e,
+            &bot.settings.flag_image_emoji,
+            &bot.settings.flag_chat_emoji,
+        )
     }) else {
         return;
     };

@@ -16,9 +16,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use serenity::all::{
-    ClientBuilder, CreateAllowedMentions, GatewayIntents, HttpBuilder, UserId,
-};
+use serenity::all::{ClientBuilder, CreateAllowedMentions, GatewayIntents, HttpBuilder, UserId};
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Secret, Settings, ShardRange};
@@ -34,7 +32,9 @@ pub enum DiscordError {
     MissingToken,
     #[error("DISCORD_TOKEN is malformed (a bot token has three dot-separated parts)")]
     MalformedToken,
-    #[error("Discord rejected DISCORD_TOKEN (invalid or reset): copy the bot's current token into .env")]
+    #[error(
+        "Discord rejected DISCORD_TOKEN (invalid or reset): copy the bot's current token into .env"
+    )]
     RejectedToken,
     #[error("cannot reach Discord at {base}: {message}")]
     Unreachable { base: String, message: String },
@@ -110,7 +110,10 @@ pub async fn serve(
     }
     let http = http.build();
     // Checks the token before the gateway does, with a clear answer.
-    let me = http.get_current_user().await.map_err(|e| classify(&e, base))?;
+    let me = http
+        .get_current_user()
+        .await
+        .map_err(|e| classify(&e, base))?;
     let _ = bot.me.set(me.id);
     tracing::info!(user = %me.name, id = %me.id, "token accepted");
 
@@ -155,14 +158,18 @@ fn classify(e: &serenity::Error, base: &str) -> DiscordError {
     use serenity::all::GatewayError;
     use serenity::http::HttpError;
     match e {
-        serenity::Error::Http(HttpError::UnsuccessfulRequest(r)) if r.status_code.as_u16() == 401 => {
+        serenity::Error::Http(HttpError::UnsuccessfulRequest(r))
+            if r.status_code.as_u16() == 401 =>
+        {
             DiscordError::RejectedToken
         }
         serenity::Error::Http(HttpError::Request(r)) => DiscordError::Unreachable {
             base: base.to_string(),
             message: r.to_string(),
         },
-        serenity::Error::Gateway(GatewayError::InvalidAuthentication) => DiscordError::RejectedToken,
+        serenity::Error::Gateway(GatewayError::InvalidAuthentication) => {
+            DiscordError::RejectedToken
+        }
         serenity::Error::Gateway(GatewayError::DisallowedGatewayIntents) => {
             DiscordError::DisallowedIntents
         }

@@ -99,10 +99,10 @@ pub fn split_message(text: &str, limit: usize) -> Vec<String> {
 fn last_break(window: &str, chars: &[char]) -> Option<usize> {
     window
         .char_indices()
+        .rev()
         .filter(|(_, c)| chars.contains(c))
         .map(|(i, c)| i + c.len_utf8())
-        .filter(|&end| end > 1)
-        .last()
+        .find(|&end| end > 1)
 }
 
 /// An emoji name without variation selectors (U+FE0F, U+FE0E): Discord
@@ -138,7 +138,9 @@ mod tests {
         assert_eq!(p, vec!["a".repeat(1500), "b".repeat(1500)]);
         let cjk = "這是一句話。".repeat(500); // 3000 characters, 9000 bytes
         let p = split_message(&cjk, 2000);
-        assert!(p.iter().all(|s| s.chars().count() <= 2000 && s.ends_with('。')));
+        assert!(p
+            .iter()
+            .all(|s| s.chars().count() <= 2000 && s.ends_with('。')));
         assert_eq!(p.concat(), cjk);
     }
 

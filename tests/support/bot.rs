@@ -26,7 +26,10 @@ pub fn default_model_env() -> Vec<(&'static str, String)> {
                 .display()
                 .to_string(),
         ),
-        ("ROUTER_ADAPTER", repo().join("model/current").display().to_string()),
+        (
+            "ROUTER_ADAPTER",
+            repo().join("model/current").display().to_string(),
+        ),
     ]
 }
 
@@ -35,7 +38,10 @@ pub fn tiny_model_env() -> Vec<(&'static str, String)> {
     vec![
         (
             "ROUTER_BASE_MODEL",
-            repo().join("tests/fixtures/tiny_gemma3").display().to_string(),
+            repo()
+                .join("tests/fixtures/tiny_gemma3")
+                .display()
+                .to_string(),
         ),
         (
             "ROUTER_ADAPTER",
@@ -142,7 +148,10 @@ impl BotProcess {
             }
             if Instant::now() >= deadline {
                 let _ = self.child.kill();
-                panic!("the bot did not exit in {timeout:?}; stderr:\n{}", self.stderr());
+                panic!(
+                    "the bot did not exit in {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

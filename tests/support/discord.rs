@@ -1300,9 +1300,22 @@ fn edit_message(
     let message = st.message_mut(message_id).expect("checked above");
     apply_edit(message, body, added, edited_at);
     let message = message.clone();
+    // The files the message has now: those kept plus those added.
+    let files: Vec<(String, Vec<u8>)> = message["attachments"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| {
+            let bytes = st.attachments.get(&id_of(&a["id"])?)?.clone();
+            Some((
+                a["filename"].as_str().unwrap_or_default().to_string(),
+                bytes,
+            ))
+        })
+        .collect();
     if let Some(sent) = st.bot_messages.iter_mut().find(|m| m.id == message_id) {
         sent.content = message["content"].as_str().unwrap_or_default().to_string();
-        sent.files.extend(req.files.iter().cloned());
+        sent.files = files;
         if let Some(allowed) = body.get("allowed_mentions") {
             sent.allowed_mentions = Some(allowed.clone());
         }

@@ -91,27 +91,32 @@ pub fn pr_curve(predictions: &[Prediction]) -> Vec<CurvePoint> {
 }
 
 /// The threshold to ship: the best F1 among points with precision at least
-/// `min_precision` (the higher threshold on a tie), else the best F1.
+/// `min_precision`, else the best F1. On a tie the lowest threshold wins:
+/// equal F1 on the validation split, so keep the recall (a missed picture is
+/// a visible failure; a false call can be flagged).
 pub fn choose_threshold(curve: &[CurvePoint], min_precision: f64) -> Option<f32> {
     let best = |pts: Vec<&CurvePoint>| {
         pts.into_iter()
             .max_by(|a, b| {
                 a.f1.total_cmp(&b.f1)
-                    .then(a.threshold.total_cmp(&b.threshold))
+                    .then(b.threshold.total_cmp(&a.threshold))
             })
             .map(|p| p.threshold)
     };
-    best(curve.iter().filter(|p| p.precision >= min_precision).collect())
-        .or_else(|| best(curve.iter().collect()))
+    best(
+        curve
+            .iter()
+            .filter(|p| p.precision >= min_precision)
+            .collect(),
+    )
+    .or_else(|| best(curve.iter().collect()))
 }
 
 /// The units a prompt is compared by: lower-cased words of alphabetic
 /// scripts, and character bigrams of CJK runs (a lone CJK character counts
 /// as itself).
 pub fn prompt_units(s: &str) -> Vec<String> {
-    let is_cjk = |c: char| {
-        matches!(c as u32, 0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF | 0xAC00..=0xD7AF)
-    };
+    let is_cjk = |c: char| matches!(c as u32, 0x3040..=0x30FF | 0x3400..=0x4DBF | 0x4E00..=0x9FFF | 0xF900..=0xFAFF | 0xAC00..=0xD7AF);
     let mut units = Vec::new();
     let (mut word, mut run) = (String::new(), Vec::<char>::new());
     let flush_run = |run: &mut Vec<char>, units: &mut Vec<String>| {
@@ -314,7 +319,10 @@ pub fn print_report(report: &Report, out: &mut impl Write) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     )?;
-    writeln!(out, "precision/recall over the call threshold (first-position probability):")?;
+    writeln!(
+        out,
+        "precision/recall over the call threshold (first-position probability):"
+    )?;
     for p in pr_curve(&report.predictions) {
         writeln!(
             out,
@@ -330,8 +338,13 @@ pub fn print_report(report: &Report, out: &mut impl Write) -> Result<()> {
 fn print_errors(report: &Report, out: &mut impl Write) -> Result<()> {
     let mut by: BTreeMap<(&str, &str), usize> = BTreeMap::new();
     for p in report.predictions.iter().filter(|p| p.gold != p.pred) {
-        let what = if p.gold == Route::Image { "missed call" } else { "false call" };
-        *by.entry((what, p.intent.as_deref().unwrap_or("-"))).or_default() += 1;
+        let what = if p.gold == Route::Image {
+            "missed call"
+        } else {
+            "false call"
+        };
+        *by.entry((what, p.intent.as_deref().unwrap_or("-")))
+            .or_default() += 1;
     }
     if by.is_empty() || report.predictions.iter().all(|p| p.intent.is_none()) {
         return Ok(());
@@ -375,7 +388,10 @@ mod tests {
 
     #[test]
     fn prompt_recall_counts_words_and_cjk_bigrams() {
-        assert_eq!(prompt_units("一隻貓 in Space!"), vec!["一隻", "隻貓", "in", "space"]);
+        assert_eq!(
+            prompt_units("一隻貓 in Space!"),
+            vec!["一隻", "隻貓", "in", "space"]
+        );
         assert_eq!(prompt_units("貓"), vec!["貓"]);
         assert_eq!(prompt_recall("戴墨鏡的橘貓", "戴墨鏡的橘貓"), 1.0);
         // The edit's second operation dropped: half the bigrams are gone.
@@ -410,15 +426,20 @@ mod tests {
             pred(false, 0.1),
         ];
         let curve = pr_curve(&preds);
-        let at = |t: f32| *curve.iter().find(|p| (p.threshold - t).abs() < 1e-6).unwrap();
+        let at = |t: f32| {
+            *curve
+                .iter()
+                .find(|p| (p.threshold - t).abs() < 1e-6)
+                .unwrap()
+        };
         assert_eq!(at(0.25).recall, 1.0);
         assert_eq!(at(0.25).precision, 0.75);
         assert_eq!(at(0.7).precision, 1.0);
         assert!((at(0.7).recall - 2.0 / 3.0).abs() < 1e-9);
-        // Precision 1.0 is reached from t=0.65 up to 0.8 with recall 2/3: the highest such t.
-        assert_eq!(choose_threshold(&curve, 0.97), Some(0.8));
-        // Without a reachable floor, the best F1 (0.857 at 0.25 and 0.3) wins.
-        assert_eq!(choose_threshold(&curve[..6], 1.1), Some(0.3));
+        // Precision 1.0 is reached from t=0.65 up to 0.8 with recall 2/3: the lowest such t.
+        assert_eq!(choose_threshold(&curve, 0.97), Some(0.65));
+        // Without a reachable floor, the best F1 (0.857 from 0.15 to 0.3) wins.
+        assert_eq!(choose_threshold(&curve[..6], 1.1), Some(0.15));
     }
 
     #[test]

@@ -26,25 +26,33 @@ use crate::progress_bar;
 /// Options of a training run (the original project's defaults).
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub struct FitArgs {
-    /// Base training data (JSONL conversations).
-    #[arg(long, default_value = "datas/image_call_train.jsonl")]
-    pub train_file: PathBuf,
+    /// Base training data (JSONL conversations; repeatable) [default:
+    /// datas/image_call_train.jsonl and datas/natural/train-*.jsonl under the home].
+    #[arg(long = "train-file")]
+    pub train_files: Vec<PathBuf>,
     /// Feedback files from the bot, applied after the base data (later rows win).
     /// Default: every *.jsonl in datas/feedback/.
     #[arg(long = "feedback")]
     pub feedback: Vec<PathBuf>,
-    /// Held-out rows to evaluate the new and the current adapter on.
-    #[arg(long, default_value = "datas/image_call_test.jsonl")]
-    pub test_file: PathBuf,
-    /// Where versioned adapter directories are written.
-    #[arg(long, default_value = "model/adapters")]
-    pub out_dir: PathBuf,
+    /// Held-out rows to evaluate the new and the current adapter on
+    /// (repeatable) [default: both test files under the home]. The new
+    /// adapter is promoted only if it is not worse on any of them.
+    #[arg(long = "test-file")]
+    pub test_files: Vec<PathBuf>,
+    /// The call threshold recorded in the adapter is the best F1 on the
+    /// validation split among thresholds reaching this precision.
+    #[arg(long, default_value_t = 0.97)]
+    pub threshold_min_precision: f64,
+    /// Where versioned adapter directories are written [default: model/adapters under the home].
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
     /// Name of this run's directory (default: run-<UTC date and time>).
     #[arg(long)]
     pub name: Option<String>,
-    /// The pointer the bot reads, moved to the new adapter on promotion.
-    #[arg(long, default_value = router::cli::DEFAULT_ADAPTER)]
-    pub current: PathBuf,
+    /// The pointer the bot reads, moved to the new adapter on promotion
+    /// [default: model/current under the home].
+    #[arg(long)]
+    pub current: Option<PathBuf>,
 
     /// LoRA rank.
     #[arg(long = "lora-r", default_value_t = 32)]
@@ -178,7 +186,8 @@ fn feedback_files(args: &FitArgs) -> Result<Vec<PathBuf>> {
     if !args.feedback.is_empty() {
         return Ok(args.feedback.clone());
     }
-    let dir = Path::new("datas/feedback");
+    let dir = router::cli::default_path("datas/feedback");
+    let dir = dir.as_path();
     if !dir.is_dir() {
         return Ok(Vec::new());
     }
@@ -367,6 +376,7 @@ pub fn run(model: &router::cli::ModelArgs, args: FitArgs) -> Result<PathBuf> {
     };
     train_loop(&ctx, &mut router, &mut opt, &mut run, first_step)?;
     let run_dir = finish_run(&router, &lora_cfg, run, started)?;
+    record_threshold(&mut router, &args, &data.val, &run_dir)?;
     evaluate_and_promote(&mut router, &args, &data.test, &run_dir, started)?;
     Ok(run_dir)
 }
@@ -393,14 +403,70 @@ fn resume_args(args: FitArgs) -> Result<(FitArgs, Option<TrainerState>)> {
 struct Data {
     train: Vec<Example>,
     val: Vec<Example>,
-    test: Vec<Example>,
+    /// Each test file with its rows.
+    test: Vec<(PathBuf, Vec<Example>)>,
+}
+
+impl FitArgs {
+    /// Where run directories go.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out_dir
+            .clone()
+            .unwrap_or_else(|| router::cli::default_path("model/adapters"))
+    }
+
+    /// The link promotion moves.
+    pub fn current(&self) -> PathBuf {
+        self.current
+            .clone()
+            .unwrap_or_else(|| router::cli::default_path(router::cli::DEFAULT_ADAPTER))
+    }
+}
+
+/// The base training files: the given ones, else the generator's file and
+/// the hand-written natural files under the home.
+fn train_files(args: &FitArgs) -> Result<Vec<PathBuf>> {
+    if !args.train_files.is_empty() {
+        return Ok(args.train_files.clone());
+    }
+    let mut files = vec![router::cli::default_path("datas/image_call_train.jsonl")];
+    let natural = router::cli::default_path("datas/natural");
+    if natural.is_dir() {
+        let mut extra: Vec<PathBuf> = std::fs::read_dir(&natural)
+            .with_context(|| format!("listing {}", natural.display()))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.extension().is_some_and(|e| e == "jsonl")
+                    && p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("train-"))
+            })
+            .collect();
+        extra.sort();
+        files.extend(extra);
+    }
+    Ok(files)
+}
+
+/// The test files: the given ones, else those `train eval` uses by default.
+fn test_files(args: &FitArgs) -> Vec<PathBuf> {
+    if args.test_files.is_empty() {
+        crate::eval::default_test_files()
+    } else {
+        args.test_files.clone()
+    }
 }
 
 fn load_data(args: &FitArgs) -> Result<Data> {
-    let mut files = vec![args.train_file.clone()];
+    let mut files = train_files(args)?;
     files.extend(feedback_files(args)?);
     let rows = read_merged(&files).context("reading training data")?;
-    let test = router::dataset::read_jsonl(&args.test_file).context("reading the test file")?;
+    let mut test = Vec::new();
+    for f in test_files(args) {
+        let rows = router::dataset::read_jsonl(&f)
+            .with_context(|| format!("reading the test file {}", f.display()))?;
+        test.push((f, rows));
+    }
     print_counts(&rows, &mut std::io::stdout())?;
     if rows.len() < 2 {
         bail!("need at least two training rows, found {}", rows.len());
@@ -435,7 +501,7 @@ fn load_model(
         "train {} rows, validation {} rows, test {} rows; device {}",
         train.len(),
         val.len(),
-        data.test.len(),
+        data.test.iter().map(|(_, r)| r.len()).sum::<usize>(),
         router::device::describe(&router.base().decoder.device)
     );
     if train.is_empty() {
@@ -501,7 +567,7 @@ impl RunDir {
     fn create(args: &FitArgs, resume: Option<&TrainerState>) -> Result<Self> {
         let dir = match resume {
             Some(s) => s.run_dir.clone(),
-            None => args.out_dir.join(
+            None => args.out_dir().join(
                 args.name
                     .clone()
                     .unwrap_or_else(|| format!("run-{}", utc_stamp())),
@@ -680,65 +746,126 @@ fn finish_run(
     Ok(dir)
 }
 
-/// Evaluates the new adapter and the current one on the test rows, records
-/// both in `metrics.json`, and moves the `current` link when the new one is
-/// not worse (or `--force`), unless `--no-promote`.
+/// Chooses the call threshold on the validation rows (the best F1 among
+/// thresholds reaching `--threshold-min-precision`) and records it in the
+/// adapter's `router.json`, where the router reads it.
+fn record_threshold(
+    router: &mut Router,
+    args: &FitArgs,
+    val_rows: &[Example],
+    run_dir: &Path,
+) -> Result<()> {
+    if val_rows.is_empty() {
+        return Ok(());
+    }
+    router.set_adapter(Some(&Adapter::load(run_dir)?))?;
+    let report = evaluate(router, val_rows, args.eval_batch)?;
+    let curve = crate::eval::pr_curve(&report.predictions);
+    let Some(threshold) = crate::eval::choose_threshold(&curve, args.threshold_min_precision)
+    else {
+        return Ok(());
+    };
+    let meta = router::router::AdapterMeta {
+        call_threshold: Some(threshold),
+    };
+    meta.save(run_dir)?;
+    std::fs::write(
+        run_dir.join("threshold_curve.json"),
+        serde_json::to_string_pretty(&serde_json::json!({
+            "chosen_on": "validation split",
+            "rows": val_rows.len(),
+            "min_precision": args.threshold_min_precision,
+            "call_threshold": threshold,
+            "curve": curve,
+        }))?,
+    )?;
+    println!(
+        "call threshold {threshold:.2} (validation split, {} rows; argmax F1 {:.4})",
+        val_rows.len(),
+        report.f1
+    );
+    Ok(())
+}
+
+/// Evaluates the new adapter and the current one on every test file,
+/// records both in `metrics.json`, and moves the `current` link when the new
+/// one is not worse on any file (or `--force`), unless `--no-promote`.
 fn evaluate_and_promote(
     router: &mut Router,
     args: &FitArgs,
-    test_rows: &[Example],
+    tests: &[(PathBuf, Vec<Example>)],
     run_dir: &Path,
     started: Instant,
 ) -> Result<()> {
     let new_adapter = Adapter::load(run_dir)?;
     router.set_adapter(Some(&new_adapter))?;
-    let new_report = evaluate(router, test_rows, args.eval_batch)?;
-    println!("new adapter on {}:", args.test_file.display());
-    print_report(&new_report, &mut std::io::stdout())?;
-    let current_dir = std::fs::canonicalize(&args.current).ok();
-    let current_report: Option<Report> = match &current_dir {
-        Some(dir) if dir.join(lora::CONFIG_FILE).exists() => {
-            match Adapter::load(dir).and_then(|a| router.set_adapter(Some(&a))) {
-                Ok(()) => {
-                    let r = evaluate(router, test_rows, args.eval_batch)?;
-                    println!("current adapter ({}):", dir.display());
+    let mut new_reports = Vec::new();
+    for (file, rows) in tests {
+        let r = evaluate(router, rows, args.eval_batch)?;
+        println!("new adapter on {}:", file.display());
+        print_report(&r, &mut std::io::stdout())?;
+        new_reports.push(r);
+    }
+    let current = args.current();
+    let current_dir = std::fs::canonicalize(&current).ok();
+    let mut current_reports: Option<Vec<Report>> = None;
+    if let Some(dir) = current_dir.filter(|d| d.join(lora::CONFIG_FILE).exists()) {
+        match Adapter::load(&dir).and_then(|a| router.set_adapter(Some(&a))) {
+            Ok(()) => {
+                let mut reports = Vec::new();
+                for (file, rows) in tests {
+                    let r = evaluate(router, rows, args.eval_batch)?;
+                    println!("current adapter ({}) on {}:", dir.display(), file.display());
                     print_report(&r, &mut std::io::stdout())?;
-                    Some(r)
+                    reports.push(r);
                 }
-                Err(e) => {
-                    println!("current adapter {} cannot be used with this base model ({e}); it will be replaced", dir.display());
-                    None
-                }
+                current_reports = Some(reports);
+            }
+            Err(e) => {
+                println!("current adapter {} cannot be used with this base model ({e}); it will be replaced", dir.display());
             }
         }
-        _ => None,
-    };
+    }
+    let files: Vec<&PathBuf> = tests.iter().map(|(f, _)| f).collect();
     std::fs::write(
         run_dir.join("metrics.json"),
         serde_json::to_string_pretty(&serde_json::json!({
-            "test_file": args.test_file,
-            "new": new_report,
-            "current": current_report,
+            "test_files": files,
+            "new": new_reports,
+            "current": current_reports,
             "train_seconds": started.elapsed().as_secs_f64(),
         }))?,
     )?;
-    let better = current_report
-        .as_ref()
-        .is_none_or(|c| new_report.f1 >= c.f1);
+    let worse: Vec<String> = match &current_reports {
+        None => Vec::new(),
+        Some(current) => files
+            .iter()
+            .zip(new_reports.iter().zip(current))
+            .filter(|(_, (n, c))| n.f1 < c.f1)
+            .map(|(f, (n, c))| {
+                format!(
+                    "{}: new F1 {:.4} < current F1 {:.4}",
+                    f.display(),
+                    n.f1,
+                    c.f1
+                )
+            })
+            .collect(),
+    };
     if args.no_promote {
-        println!("--no-promote: {} left as it is", args.current.display());
-    } else if better || args.force {
-        repoint(&args.current, run_dir)?;
+        println!("--no-promote: {} left as it is", current.display());
+    } else if worse.is_empty() || args.force {
+        repoint(&current, run_dir)?;
         println!(
             "promoted: {} -> {}{}",
-            args.current.display(),
+            current.display(),
             run_dir.display(),
-            if better { "" } else { " (forced)" }
+            if worse.is_empty() { "" } else { " (forced)" }
         );
-    } else if let Some(c) = &current_report {
+    } else {
         println!(
-            "kept the current adapter: new F1 {:.4} < current F1 {:.4} (use --force to promote anyway)",
-            new_report.f1, c.f1
+            "kept the current adapter: {} (use --force to promote anyway)",
+            worse.join("; ")
         );
     }
     Ok(())

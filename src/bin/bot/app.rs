@@ -31,7 +31,11 @@ pub async fn start(model: &ModelArgs, args: &BotArgs) -> anyhow::Result<App> {
         fetch.await.context("fetching the default model")??;
     }
     if let Some(p) = &model.adapter {
-        anyhow::ensure!(p.exists(), "adapter not found: {} (ROUTER_ADAPTER)", p.display());
+        anyhow::ensure!(
+            p.exists(),
+            "adapter not found: {} (ROUTER_ADAPTER)",
+            p.display()
+        );
     }
     let adapter_link = model.adapter_path();
     let loader = model.clone();
@@ -52,13 +56,23 @@ pub async fn start(model: &ModelArgs, args: &BotArgs) -> anyhow::Result<App> {
         .chat
         .clone()
         .map(|c| ChatBackend::new(client.clone(), c));
-    let record = Record::open(&settings.router_db)
-        .with_context(|| format!("opening the routing record (ROUTER_DB) {}", settings.router_db.display()))?;
+    let record = Record::open(&settings.router_db).with_context(|| {
+        format!(
+            "opening the routing record (ROUTER_DB) {}",
+            settings.router_db.display()
+        )
+    })?;
     let feedback = FeedbackLog::open(&settings.feedback_file).with_context(|| {
-        format!("opening the feedback file (FEEDBACK_FILE) {}", settings.feedback_file.display())
+        format!(
+            "opening the feedback file (FEEDBACK_FILE) {}",
+            settings.feedback_file.display()
+        )
     })?;
     let reports = ReportLog::open(&settings.reports_file).with_context(|| {
-        format!("opening the reports file (REPORTS_FILE) {}", settings.reports_file.display())
+        format!(
+            "opening the reports file (REPORTS_FILE) {}",
+            settings.reports_file.display()
+        )
     })?;
     tracing::info!(
         image = settings.image.as_ref().map(|c| format!("{:?} at {}", c.api, c.base_url)).unwrap_or_else(|| "none".into()),

@@ -13,9 +13,10 @@ use serde::Serialize;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Messages: a JSONL conversation file or plain text, one per line.
-    #[arg(long, default_value = "datas/image_call_test.jsonl")]
-    pub file: PathBuf,
+    /// Messages: a JSONL conversation file or plain text, one per line
+    /// [default: datas/image_call_test.jsonl under the home].
+    #[arg(long)]
+    pub file: Option<PathBuf>,
     /// Use at most this many messages.
     #[arg(long, default_value_t = 300)]
     pub limit: usize,
@@ -112,7 +113,15 @@ fn measure(
 }
 
 pub fn run(model: &ModelArgs, args: BenchArgs) -> Result<()> {
-    let messages = read_messages(&args.file, args.limit)?;
+    anyhow::ensure!(
+        !args.batch_sizes.is_empty(),
+        "--batch-sizes needs at least one size"
+    );
+    let file = args
+        .file
+        .clone()
+        .unwrap_or_else(|| router::cli::default_path(router::cli::DEFAULT_TEST_FILE));
+    let messages = read_messages(&file, args.limit)?;
     let mut router = model
         .load_router(RouterConfig::default())
         .context("loading the router")?;

@@ -61,7 +61,10 @@ async fn session(model: &ModelArgs, args: &BotArgs) -> anyhow::Result<()> {
                 continue;
             };
             let context = std::future::ready(history.clone());
-            match responder.flag(reply, CONSOLE_USER, target, true, context).await {
+            match responder
+                .flag(reply, CONSOLE_USER, target, true, context)
+                .await
+            {
                 FlagResult::Recorded { fix, .. } => {
                     writeln!(
                         out,
@@ -76,7 +79,12 @@ async fn session(model: &ModelArgs, args: &BotArgs) -> anyhow::Result<()> {
             continue;
         }
         if responder.admit(CONSOLE_USER) != Verdict::Allowed {
-            show(&mut out, &Answer::RateLimited, &app.settings.image_out_dir, 0)?;
+            show(
+                &mut out,
+                &Answer::RateLimited,
+                &app.settings.image_out_dir,
+                0,
+            )?;
             continue;
         }
         let incoming = Incoming {

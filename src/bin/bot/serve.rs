@@ -12,8 +12,12 @@ use crate::app;
 
 pub fn run(model: &ModelArgs, args: &BotArgs) -> anyhow::Result<()> {
     // Fail fast on the token before loading a model.
-    let token = args.discord_token.as_ref().ok_or(discord::DiscordError::MissingToken)?;
-    serenity::utils::validate_token(token.expose()).map_err(|_| discord::DiscordError::MalformedToken)?;
+    let token = args
+        .discord_token
+        .as_ref()
+        .ok_or(discord::DiscordError::MissingToken)?;
+    serenity::utils::validate_token(token.expose())
+        .map_err(|_| discord::DiscordError::MalformedToken)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("bot")
