@@ -1,6 +1,7 @@
 //! Does one long message hold up the short ones that arrive with it? Routes
 //! 11 short messages alone, then the same 11 together with one message of
-//! 20,000 characters, through the engine (as the bot does), and prints what
+//! 20,000 characters queued at the same moment, then with the long one
+//! arriving first, through the engine (as the bot does), and prints what
 //! the short messages waited for. Default model and adapter, CPU.
 //! `cargo run --release --example head_of_line`
 use std::time::Instant;
@@ -62,15 +63,31 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async {
         round(&engine, &short).await?; // warm-up
         let alone = round(&engine, &short).await?;
-        let mut with_long = short.clone();
-        with_long.insert(0, long.clone());
-        let mixed = round(&engine, &with_long).await?;
         let max = |v: &[f64]| v.iter().cloned().fold(0.0, f64::max);
-        println!("11 short messages alone:           slowest answered after {:.0} ms", max(&alone));
+        println!("11 short messages alone: slowest answered after {:.0} ms", max(&alone));
+        // Queued together: a busy engine (one short message in flight)
+        // finds all twelve waiting when it takes the next batch.
+        let busy = {
+            let e = engine.clone();
+            tokio::spawn(async move { e.route("hold on a moment".into()).await })
+        };
+        let mut with_long = short.clone();
+        with_long.push(long.clone());
+        let mixed = round(&engine, &with_long).await?;
+        busy.await??;
         println!(
-            "the same with one 20,000-character: slowest short answered after {:.0} ms; the long one after {:.0} ms",
-            max(&mixed[1..]),
-            mixed[0]
+            "queued together with one of 20,000 characters: slowest short answered after {:.0} ms, the long one after {:.0} ms",
+            max(&mixed[..11]),
+            mixed[11]
+        );
+        // The long one first, alone: its prefill runs before the others arrive.
+        let mut first = vec![long.clone()];
+        first.extend(short.iter().cloned());
+        let late = round(&engine, &first).await?;
+        println!(
+            "the long one arriving first: slowest short answered after {:.0} ms, the long one after {:.0} ms",
+            max(&late[1..]),
+            late[0]
         );
         anyhow::Ok(())
     })
