@@ -638,3 +638,53 @@ fn console_routes_flags_and_works_without_configuration() {
     );
     assert!(dir.path().join("var/router.sqlite3").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn allowed_channels_mentions_dms_bots_and_a_shard_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = FakeDiscord::start(FakeConfig::default()).await;
+    let chat = backends::start().await;
+    let mut e = env(&fake, None, Some(&chat), bot::tiny_model_env(), dir.path());
+    // Every message is chat: the replies are the chat backend's.
+    e.insert("ROUTER_CALL_THRESHOLD".into(), "2".into());
+    e.insert("ALLOWED_CHANNEL_IDS".into(), FakeConfig::IMAGES.to_string());
+    e.insert("SHARD_RANGE".into(), "0..1/1".into());
+    let bot = BotProcess::start(dir.path(), &["serve"], &e);
+    fake.wait_ready(WAIT).await;
+    let shard = &fake.identify_payloads()[0]["shard"];
+    assert_eq!(shard, &json!([0, 1]), "{shard}");
+
+    let me = format!("<@{}>", FakeConfig::BOT_ID);
+    let outside = fake.user_message(GENERAL, &alice(), "hello everyone").await;
+    let mentioned = fake
+        .user_message(GENERAL, &alice(), &format!("{me} hello bot"))
+        .await;
+    let inside = fake
+        .user_message(FakeConfig::IMAGES, &alice(), "hi there")
+        .await;
+    let dm = fake.dm_message(&bob(), "hi in private").await;
+    let mut robot = FakeUser::new(600_000_000_000_000_001, "otherbot");
+    robot.bot = true;
+    let from_bot = fake.user_message(FakeConfig::IMAGES, &robot, "beep").await;
+    for id in [mentioned, inside, dm] {
+        reply_to(&fake, id, &bot).await;
+    }
+    // A message answered after the ignored ones proves they were handled.
+    let last = fake
+        .user_message(FakeConfig::IMAGES, &alice(), "last one")
+        .await;
+    reply_to(&fake, last, &bot).await;
+    let answered: HashSet<u64> = fake
+        .bot_messages()
+        .iter()
+        .filter_map(|m| m.reference_message_id)
+        .collect();
+    assert!(
+        !answered.contains(&outside),
+        "a message outside ALLOWED_CHANNEL_IDS was answered"
+    );
+    assert!(
+        !answered.contains(&from_bot),
+        "another bot's message was answered"
+    );
+}
