@@ -975,7 +975,11 @@ impl FeedbackRow {
                 },
             ],
             meta: FeedbackMeta {
-                source: "discord".into(),
+                source: match decision.origin {
+                    Origin::Console => "console",
+                    _ => "discord",
+                }
+                .into(),
                 guild_id: decision.guild_id,
                 channel_id: decision.channel_id,
                 user_message_id: decision.user_message_id,
