@@ -928,7 +928,7 @@ pub struct FeedbackRow {
 /// The `meta` object of a feedback row.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct FeedbackMeta {
-    /// Always `discord`, to tell these rows from curated data.
+    /// `discord` (or `console` for `bot console`), to tell these rows from curated data.
     pub source: String,
     #[serde(with = "id_string::option", default)]
     pub guild_id: Option<u64>,
