@@ -35,6 +35,26 @@ pub struct Incoming {
     pub addressed: bool,
 }
 
+impl Incoming {
+    /// The record row for this message (adapter and latency left empty).
+    fn decision(&self, route: RouteKind, prompt: Option<String>, origin: Origin) -> DecisionRow {
+        DecisionRow {
+            user_message_id: self.user_message_id,
+            reply_message_id: None,
+            guild_id: self.guild_id,
+            channel_id: self.channel_id,
+            author_id: self.author_id,
+            text: self.text.clone(),
+            route,
+            prompt,
+            adapter: None,
+            latency_ms: 0.0,
+            created_at_ms: now_ms(),
+            origin,
+        }
+    }
+}
+
 /// What the router decided for a message, with its record row.
 #[derive(Debug, Clone)]
 pub struct Decided {
@@ -214,20 +234,9 @@ impl Responder {
             (Route::Image, Some(p)) => (RouteKind::Image, Some(p.clone())),
             _ => (RouteKind::Chat, None),
         };
-        let row = DecisionRow {
-            user_message_id: msg.user_message_id,
-            reply_message_id: None,
-            guild_id: msg.guild_id,
-            channel_id: msg.channel_id,
-            author_id: msg.author_id,
-            text: msg.text.clone(),
-            route,
-            prompt,
-            adapter: routed.adapter.as_ref().map(|p| p.display().to_string()),
-            latency_ms: routed.batch_ms,
-            created_at_ms: now_ms(),
-            origin,
-        };
+        let mut row = msg.decision(route, prompt, origin);
+        row.adapter = routed.adapter.as_ref().map(|p| p.display().to_string());
+        row.latency_ms = routed.batch_ms;
         tracing::info!(
             message = msg.user_message_id,
             channel = msg.channel_id,
@@ -241,20 +250,7 @@ impl Responder {
 
     /// Records an explicit `/draw` request (never routing feedback).
     pub async fn record_draw(&self, msg: &Incoming, prompt: &str) -> DecisionRow {
-        let row = DecisionRow {
-            user_message_id: msg.user_message_id,
-            reply_message_id: None,
-            guild_id: msg.guild_id,
-            channel_id: msg.channel_id,
-            author_id: msg.author_id,
-            text: msg.text.clone(),
-            route: RouteKind::Image,
-            prompt: Some(prompt.to_string()),
-            adapter: None,
-            latency_ms: 0.0,
-            created_at_ms: now_ms(),
-            origin: Origin::Draw,
-        };
+        let row = msg.decision(RouteKind::Image, Some(prompt.to_string()), Origin::Draw);
         self.store(|r| r.insert_decision(&row)).await;
         row
     }

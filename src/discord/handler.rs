@@ -287,19 +287,22 @@ fn reaction_name(r: &Reaction) -> Option<String> {
     }
 }
 
+/// The user and the correction a reaction stands for, if it is a flag
+/// emoji from someone other than the bot (its own reactions never count).
+fn flag_of(bot: &Bot, r: &Reaction) -> Option<(UserId, RouteKind)> {
+    let user = r.user_id.filter(|&u| Some(u) != bot.me())?;
+    let emoji = reaction_name(r)?;
+    let target = flag_target(
+        &emoji,
+        &bot.settings.flag_image_emoji,
+        &bot.settings.flag_chat_emoji,
+    )?;
+    Some((user, target))
+}
+
 async fn on_flag(bot: &Bot, ctx: &Context, r: &Reaction) {
     let me = bot.me();
-    let Some(user) = r.user_id else { return };
-    if Some(user) == me {
-        return; // the bot's own reactions never count
-    }
-    let Some(target) = reaction_name(r).and_then(|e| {
-        flag_target(
-            &e,
-            &bot.settings.flag_image_emoji,
-            &bot.settings.flag_chat_emoji,
-        )
-    }) else {
+    let Some((user, target)) = flag_of(bot, r) else {
         return;
     };
     if r.message_author_id.is_some() && r.message_author_id != me {
@@ -361,17 +364,7 @@ pub async fn apply_flag(
 }
 
 async fn on_unflag(bot: &Bot, ctx: &Context, r: &Reaction) {
-    let Some(user) = r.user_id else { return };
-    if Some(user) == bot.me() {
-        return;
-    }
-    let Some(target) = reaction_name(r).and_then(|e| {
-        flag_target(
-            &e,
-            &bot.settings.flag_image_emoji,
-            &bot.settings.flag_chat_emoji,
-        )
-    }) else {
+    let Some((user, target)) = flag_of(bot, r) else {
         return;
     };
     if bot
