@@ -179,28 +179,15 @@ fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathB
 /// callers with the same one-line error, and the engine goes on.
 fn route_batch(router: &mut Router, batch: Vec<(String, oneshot::Sender<Result<Routed>>)>) {
     let started = Instant::now();
-    let texts: Vec<&str> = batch.iter().map(|(t, _)| t.as_str()).collect();
-    let groups = match router.length_groups(&texts) {
-        Ok(g) => g,
-        Err(e) => {
-            fail(batch.into_iter().map(|(_, r)| r), &e);
-            return;
-        }
-    };
+    let adapter = router.adapter().cloned();
+    let (texts, replies): (Vec<String>, Vec<_>) = batch.into_iter().unzip();
     let mut replies: Vec<Option<oneshot::Sender<Result<Routed>>>> =
-        batch.iter().map(|_| None).collect();
-    let mut texts_owned = Vec::with_capacity(batch.len());
-    for (i, (text, reply)) in batch.into_iter().enumerate() {
-        replies[i] = Some(reply);
-        texts_owned.push(text);
-    }
-    for group in groups {
-        let chunk: Vec<&str> = group.iter().map(|&i| texts_owned[i].as_str()).collect();
-        let result = router.route_batch(&chunk);
+        replies.into_iter().map(Some).collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    let planned = router.route_groups(&refs, |group, decided| {
         let batch_ms = started.elapsed().as_secs_f64() * 1e3;
-        let adapter = router.adapter().cloned();
         let senders = group.iter().filter_map(|&i| replies[i].take());
-        match result {
+        match decided {
             Ok(decisions) => {
                 for (decision, reply) in decisions.into_iter().zip(senders) {
                     let _ = reply.send(Ok(Routed {
@@ -212,6 +199,9 @@ fn route_batch(router: &mut Router, batch: Vec<(String, oneshot::Sender<Result<R
             }
             Err(e) => fail(senders, &e),
         }
+    });
+    if let Err(e) = planned {
+        fail(replies.into_iter().flatten(), &e);
     }
 }
 

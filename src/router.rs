@@ -141,6 +141,9 @@ impl AdapterMeta {
     }
 }
 
+/// Receives each length group (indices into the messages) and its decisions.
+type GroupSink<'a> = dyn FnMut(&[usize], Result<Vec<Decision>>) + 'a;
+
 /// How the first token of a reply is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Opening {
@@ -258,17 +261,70 @@ impl Router {
             .collect())
     }
 
+    /// Routes several messages and hands each length group's decisions (or
+    /// its error) to `each` as soon as the group is decided, shortest group
+    /// first (see [`Router::length_groups`]). Fails only when a message
+    /// cannot be tokenized.
+    pub fn route_groups(
+        &mut self,
+        texts: &[&str],
+        mut each: impl FnMut(&[usize], Result<Vec<Decision>>),
+    ) -> Result<()> {
+        self.decide_groups(texts, Opening::Free, &mut each)
+    }
+
+    fn decide_groups(
+        &mut self,
+        texts: &[&str],
+        opening: Opening,
+        each: &mut GroupSink<'_>,
+    ) -> Result<()> {
+        let ids = texts
+            .iter()
+            .map(|t| self.input_ids(t))
+            .collect::<Result<Vec<_>>>()?;
+        for group in self.groups_by_length(&ids) {
+            let chunk: Vec<Vec<u32>> = group.iter().map(|&i| ids[i].clone()).collect();
+            let decided = self.route_chunk(chunk, opening);
+            each(&group, decided);
+        }
+        Ok(())
+    }
+
     fn decide_batch(&mut self, texts: &[&str], opening: Opening) -> Result<Vec<Decision>> {
         let mut out: Vec<Option<Decision>> = vec![None; texts.len()];
-        for group in self.length_groups(texts)? {
-            let chunk: Vec<&str> = group.iter().map(|&i| texts[i]).collect();
-            for (i, d) in group.into_iter().zip(self.route_chunk(&chunk, opening)?) {
-                out[i] = Some(d);
+        let mut failed = None;
+        self.decide_groups(texts, opening, &mut |group, decided| match decided {
+            Ok(ds) => {
+                for (&i, d) in group.iter().zip(ds) {
+                    out[i] = Some(d);
+                }
             }
+            Err(e) => {
+                failed.get_or_insert(e);
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
         out.into_iter()
             .map(|d| d.ok_or(Error::Engine("a message was left undecided".into())))
             .collect()
+    }
+
+    /// A message's token ids as the router feeds them: cut to
+    /// `max_input_tokens`, keeping the start of the message and the
+    /// template's turn switch.
+    fn input_ids(&self, text: &str) -> Result<Vec<u32>> {
+        let format = &self.base.format;
+        let mut ids = format.user_ids(text)?;
+        if ids.len() > self.config.max_input_tokens {
+            let tail = format.user_ids("")?;
+            let keep = self.config.max_input_tokens.saturating_sub(tail.len());
+            ids.truncate(keep);
+            ids.extend(tail);
+        }
+        Ok(ids)
     }
 
     /// Splits messages into the batches they are decided in: ordered by
@@ -277,13 +333,17 @@ impl Router {
     /// little slack), so that short messages are never padded to a long
     /// one's length. Indices into `texts`, shortest batch first.
     pub fn length_groups(&self, texts: &[&str]) -> Result<Vec<Vec<usize>>> {
+        let ids = texts
+            .iter()
+            .map(|t| self.input_ids(t))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(self.groups_by_length(&ids))
+    }
+
+    fn groups_by_length(&self, ids: &[Vec<u32>]) -> Vec<Vec<usize>> {
         const SLACK: usize = 32;
-        let format = &self.base.format;
-        let mut lengths = Vec::with_capacity(texts.len());
-        for (i, t) in texts.iter().enumerate() {
-            let n = format.user_ids(t)?.len().min(self.config.max_input_tokens);
-            lengths.push((n, i));
-        }
+        let mut lengths: Vec<(usize, usize)> =
+            ids.iter().enumerate().map(|(i, t)| (t.len(), i)).collect();
         lengths.sort_unstable();
         let max = self.config.max_batch.max(1);
         let mut groups: Vec<Vec<usize>> = Vec::new();
@@ -297,7 +357,7 @@ impl Router {
                 }
             }
         }
-        Ok(groups)
+        groups
     }
 
     /// The first token of each active row: the arg-max, unless the call
@@ -334,28 +394,21 @@ impl Router {
         Ok((tokens, p_call))
     }
 
-    fn route_chunk(&mut self, texts: &[&str], opening: Opening) -> Result<Vec<Decision>> {
+    /// Decides one batch, given each message's input ids.
+    fn route_chunk(&mut self, inputs: Vec<Vec<u32>>, opening: Opening) -> Result<Vec<Decision>> {
         let (prefix_len, prefix) = self.prefix_cache()?;
-        let n = texts.len();
+        let n = inputs.len();
         let mut cache = prefix.repeat(n)?;
         let format = &self.base.format;
-        let mut rows = Vec::with_capacity(n);
-        for text in texts {
-            let mut ids = format.user_ids(text)?;
-            if ids.len() > self.config.max_input_tokens {
-                // Keep the start of the message and the template's turn switch.
-                let tail = format.user_ids("")?;
-                let keep = self.config.max_input_tokens.saturating_sub(tail.len());
-                ids.truncate(keep);
-                ids.extend(tail);
-            }
-            rows.push(Row {
+        let mut rows: Vec<Row> = inputs
+            .into_iter()
+            .map(|ids| Row {
                 generated: Vec::new(),
                 done: false,
                 next: ids,
                 next_position: prefix_len as u32,
-            });
-        }
+            })
+            .collect();
         let stops = format.stop_ids.clone();
         let tokenizer = format.tokenizer().clone();
         let mut texts_out = vec![String::new(); n];
