@@ -244,14 +244,16 @@ impl Responder {
             ms = format!("{:.1}", routed.batch_ms),
             "routed"
         );
-        self.store(|r| r.insert_decision(&row)).await;
+        let stored = row.clone();
+        self.store(move |r| r.insert_decision(&stored)).await;
         Ok(Decided { row })
     }
 
     /// Records an explicit `/draw` request (never routing feedback).
     pub async fn record_draw(&self, msg: &Incoming, prompt: &str) -> DecisionRow {
         let row = msg.decision(RouteKind::Image, Some(prompt.to_string()), Origin::Draw);
-        self.store(|r| r.insert_decision(&row)).await;
+        let stored = row.clone();
+        self.store(move |r| r.insert_decision(&stored)).await;
         row
     }
 
@@ -263,11 +265,9 @@ impl Responder {
     {
         match (&decided.row.route, &decided.row.prompt) {
             (RouteKind::Image, Some(prompt)) => self.draw(prompt).await,
-            _ => match &self.chat {
-                Some(_) => self.chat_answer(&decided.row.text, context.await).await,
-                None if addressed => Answer::ChatUnconfigured,
-                None => Answer::Silent,
-            },
+            // Not addressed and nothing to say: stay silent.
+            _ if self.chat.is_none() && !addressed => Answer::Silent,
+            _ => self.chat_answer(&decided.row.text, context).await,
         }
     }
 
@@ -289,11 +289,16 @@ impl Responder {
         }
     }
 
-    async fn chat_answer(&self, text: &str, context: Vec<ChatMessage>) -> Answer {
+    /// The chat backend's answer; `context` is awaited only when there is
+    /// a backend to send it to.
+    async fn chat_answer<F>(&self, text: &str, context: F) -> Answer
+    where
+        F: Future<Output = Vec<ChatMessage>>,
+    {
         let Some(chat) = &self.chat else {
             return Answer::ChatUnconfigured;
         };
-        match chat.reply(&context, text).await {
+        match chat.reply(&context.await, text).await {
             Ok(text) => Answer::Chat { text },
             Err(e) => {
                 tracing::warn!(error = %e, "chat backend failed");
@@ -306,7 +311,7 @@ impl Responder {
 
     /// Notes which bot message answered a user message (flags arrive on it).
     pub async fn replied(&self, user_message_id: u64, reply_message_id: u64) {
-        self.store(|r| r.set_reply(user_message_id, reply_message_id))
+        self.store(move |r| r.set_reply(user_message_id, reply_message_id))
             .await;
     }
 
@@ -355,10 +360,7 @@ impl Responder {
                 (render_call(&prompt), Answer::ImageUnconfigured { prompt })
             }
             RouteKind::Chat => {
-                let answer = match &self.chat {
-                    Some(_) => self.chat_answer(&decision.text, context.await).await,
-                    None => Answer::ChatUnconfigured,
-                };
+                let answer = self.chat_answer(&decision.text, context).await;
                 let text = match &answer {
                     Answer::Chat { text } => text.clone(),
                     _ => plain_fallback(&decision.text).to_string(),
@@ -507,13 +509,13 @@ impl Responder {
         }
     }
 
-    /// A write to the record whose failure is logged, never fatal: the user
-    /// still gets an answer.
+    /// A write to the record, off the async workers like every record
+    /// call; its failure is logged, never fatal: the user still gets an answer.
     async fn store<F>(&self, f: F)
     where
-        F: FnOnce(&Record) -> Result<(), FeedbackError>,
+        F: FnOnce(&Record) -> Result<(), FeedbackError> + Send + 'static,
     {
-        if let Err(e) = f(&self.record) {
+        if let Err(e) = self.blocking(f).await {
             tracing::error!(error = %e, "cannot write the routing record");
         }
     }
