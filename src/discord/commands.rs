@@ -6,13 +6,13 @@
 //! handler checks again.
 
 use serenity::all::{
-    Command, CommandInteraction, CommandOptionType, CommandType, Context, CreateAttachment,
-    CreateCommand, CreateCommandOption, CreateInteractionResponse,
-    CreateInteractionResponseMessage, EditInteractionResponse, MessageId, Permissions,
+    Command, CommandInteraction, CommandOptionType, CommandType, Context, CreateCommand,
+    CreateCommandOption, CreateInteractionResponse, CreateInteractionResponseMessage,
+    EditInteractionResponse, MessageId, Permissions,
 };
 
-use super::handler::{apply_flag, mentions};
-use super::reply::{image_caption, render};
+use super::handler::{apply_flag, attachment, mentions};
+use super::reply::render;
 use super::Bot;
 use crate::adapters::{reload, Reload};
 use crate::feedback::RouteKind;
@@ -157,16 +157,10 @@ async fn draw(bot: &Bot, ctx: &Context, cmd: &CommandInteraction) {
     responder.record_draw(&incoming, &prompt).await;
     let answer = responder.draw(&prompt).await;
     let mut edit = EditInteractionResponse::new().allowed_mentions(mentions());
-    edit = match &answer {
-        Answer::Image { prompt, image } => {
-            edit.content(image_caption(prompt))
-                .new_attachment(CreateAttachment::bytes(
-                    image.bytes.clone(),
-                    format!("image.{}", image.format.extension()),
-                ))
-        }
-        other => edit.content(render(other).pieces.concat()),
-    };
+    edit = edit.content(render(&answer).pieces.concat());
+    if let Some(file) = attachment(&answer) {
+        edit = edit.new_attachment(file);
+    }
     match cmd.edit_response(&ctx.http, edit).await {
         Ok(sent) => responder.replied(cmd.id.get(), sent.id.get()).await,
         Err(e) => tracing::warn!(error = %e, "cannot deliver /draw"),

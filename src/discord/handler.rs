@@ -144,6 +144,17 @@ async fn on_message(bot: &Bot, ctx: &Context, msg: &Message) {
     }
 }
 
+/// The picture of an image answer, as an upload.
+pub fn attachment(answer: &Answer) -> Option<CreateAttachment> {
+    match answer {
+        Answer::Image { image, .. } => Some(CreateAttachment::bytes(
+            image.bytes.clone(),
+            image.file_name(),
+        )),
+        _ => None,
+    }
+}
+
 /// Sends an answer: the first piece replies to `reply_to` (with the picture
 /// when there is one), the rest follow. Returns the first message's id.
 pub async fn send_answer(
@@ -162,9 +173,8 @@ pub async fn send_answer(
             if let Some(id) = reply_to {
                 m = m.reference_message((channel, id));
             }
-            if let (true, Answer::Image { image, .. }) = (rendered.with_image, answer) {
-                let name = format!("image.{}", image.format.extension());
-                m = m.add_file(CreateAttachment::bytes(image.bytes.clone(), name));
+            if let Some(file) = attachment(answer) {
+                m = m.add_file(file);
             }
         }
         match channel.send_message(http, m).await {
@@ -191,9 +201,8 @@ pub async fn fix_in_place(http: &Http, channel: ChannelId, reply: MessageId, ans
         .content(first.as_str())
         .allowed_mentions(mentions())
         .remove_all_attachments();
-    if let (true, Answer::Image { image, .. }) = (rendered.with_image, answer) {
-        let name = format!("image.{}", image.format.extension());
-        edit = edit.new_attachment(CreateAttachment::bytes(image.bytes.clone(), name));
+    if let Some(file) = attachment(answer) {
+        edit = edit.new_attachment(file);
     }
     if let Err(e) = channel.edit_message(http, reply, edit).await {
         tracing::warn!(message = reply.get(), error = %e, "cannot fix a reply in place");

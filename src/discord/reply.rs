@@ -8,24 +8,21 @@ use crate::respond::Answer;
 /// Discord's limit on a message's length, in characters.
 pub const MESSAGE_LIMIT: usize = 2000;
 
-/// What to send for an answer: text pieces (the first one replies to the
-/// user) and whether the answer's picture goes with the first piece.
+/// What to send for an answer: text pieces, the first one replying to the
+/// user (and carrying the picture of an image answer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
     pub pieces: Vec<String>,
-    pub with_image: bool,
 }
 
 /// The text of an answer.
 pub fn render(answer: &Answer) -> Rendered {
     let one = |s: String| Rendered {
         pieces: split_message(&s, MESSAGE_LIMIT),
-        with_image: false,
     };
     match answer {
         Answer::Image { prompt, .. } => Rendered {
             pieces: vec![image_caption(prompt)],
-            with_image: true,
         },
         Answer::ImageFailed { prompt, reason } => {
             one(format!("{reason}\n> {}", quote_prompt(prompt)))
@@ -43,15 +40,12 @@ pub fn render(answer: &Answer) -> Rendered {
             "You're sending messages faster than I can keep up; please wait a minute. 🙏"
                 .to_string(),
         ),
-        Answer::Silent => Rendered {
-            pieces: Vec::new(),
-            with_image: false,
-        },
+        Answer::Silent => Rendered { pieces: Vec::new() },
     }
 }
 
 /// The text sent with a picture: the prompt it was drawn from.
-pub fn image_caption(prompt: &str) -> String {
+fn image_caption(prompt: &str) -> String {
     format!("🎨 {}", quote_prompt(prompt))
 }
 
