@@ -186,14 +186,23 @@ fn feedback_files(args: &FitArgs) -> Result<Vec<PathBuf>> {
     if !args.feedback.is_empty() {
         return Ok(args.feedback.clone());
     }
-    let dir = router::cli::default_path("datas/feedback");
-    let dir = dir.as_path();
+    jsonl_files(&router::cli::default_path("datas/feedback"), "")
+}
+
+/// The `*.jsonl` files in `dir` whose names start with `prefix`, sorted;
+/// none when `dir` does not exist.
+fn jsonl_files(dir: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
     if !dir.is_dir() {
         return Ok(Vec::new());
     }
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)?
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("listing {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .filter(|p| {
+            p.extension().is_some_and(|x| x == "jsonl")
+                && p.file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
+        })
         .collect();
     files.sort();
     Ok(files)
@@ -430,21 +439,10 @@ fn train_files(args: &FitArgs) -> Result<Vec<PathBuf>> {
         return Ok(args.train_files.clone());
     }
     let mut files = vec![router::cli::default_path("datas/image_call_train.jsonl")];
-    let natural = router::cli::default_path("datas/natural");
-    if natural.is_dir() {
-        let mut extra: Vec<PathBuf> = std::fs::read_dir(&natural)
-            .with_context(|| format!("listing {}", natural.display()))?
-            .flatten()
-            .map(|e| e.path())
-            .filter(|p| {
-                p.extension().is_some_and(|e| e == "jsonl")
-                    && p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("train-"))
-            })
-            .collect();
-        extra.sort();
-        files.extend(extra);
-    }
+    files.extend(jsonl_files(
+        &router::cli::default_path("datas/natural"),
+        "train-",
+    )?);
     Ok(files)
 }
 
