@@ -268,7 +268,6 @@ pub struct PendingRow {
     pub flagger_id: u64,
     pub target: RouteKind,
     pub corrected: String,
-    pub flagged_at_ms: i64,
     /// When the row happened: the flag's time, or the retraction's.
     pub time_ms: i64,
     pub retraction: bool,
@@ -670,61 +669,46 @@ impl Record {
     pub fn unwritten_rows(&self) -> Result<Vec<PendingRow>, FeedbackError> {
         let conn = self.conn();
         let mut stmt = conn
-            .prepare(
-                "SELECT f.reply_message_id, f.flagger_id, f.target, f.corrected, f.flagged_at_ms, \
-                 f.retracted_at_ms, f.row_written, f.retraction_written, f.user_message_id \
-                 FROM flags f WHERE f.row_written = 0 OR f.retraction_written = 0 ORDER BY f.id",
-            )
+            .prepare(&format!(
+                "SELECT {DECISION_COLUMNS}, f.flagger_id, f.target, f.corrected, f.flagged_at_ms, \
+                 f.retracted_at_ms, f.row_written, f.retraction_written \
+                 FROM flags f JOIN decisions d USING (user_message_id) \
+                 WHERE f.row_written = 0 OR f.retraction_written = 0 ORDER BY f.id"
+            ))
             .map_err(self.sql("list unwritten rows"))?;
-        let raw = stmt
+        let flags = stmt
             .query_map([], |r| {
                 Ok((
-                    r.get::<_, i64>(0)? as u64,
-                    r.get::<_, i64>(1)? as u64,
-                    r.get::<_, RouteKind>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, Option<i64>>(5)?,
-                    r.get::<_, bool>(6)?,
-                    r.get::<_, bool>(7)?,
-                    r.get::<_, i64>(8)? as u64,
+                    decision_from_row(r)?,
+                    from_sql_id(r.get(12)?),
+                    r.get::<_, RouteKind>(13)?,
+                    r.get::<_, String>(14)?,
+                    r.get::<_, i64>(15)?,
+                    r.get::<_, Option<i64>>(16)?,
+                    r.get::<_, bool>(17)?,
+                    r.get::<_, bool>(18)?,
                 ))
             })
             .map_err(self.sql("list unwritten rows"))?
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.sql("list unwritten rows"))?;
-        drop(stmt);
         let mut out = Vec::new();
-        for (reply, flagger, target, corrected, at, retracted_at, row_ok, retraction_ok, user) in
-            raw
+        for (decision, flagger_id, target, corrected, at, retracted_at, row_ok, retraction_ok) in
+            flags
         {
-            let Some(decision) =
-                decision_by_user(&conn, user).map_err(self.sql("find by user message"))?
-            else {
-                continue;
+            let pending = |time_ms, retraction| PendingRow {
+                decision: decision.clone(),
+                flagger_id,
+                target,
+                corrected: corrected.clone(),
+                time_ms,
+                retraction,
             };
-            debug_assert!(decision.reply_message_id.is_some() || reply > 0);
             if !row_ok {
-                out.push(PendingRow {
-                    decision: decision.clone(),
-                    flagger_id: flagger,
-                    target,
-                    corrected: corrected.clone(),
-                    flagged_at_ms: at,
-                    time_ms: at,
-                    retraction: false,
-                });
+                out.push(pending(at, false));
             }
             if let (Some(when), false) = (retracted_at, retraction_ok) {
-                out.push(PendingRow {
-                    decision,
-                    flagger_id: flagger,
-                    target,
-                    corrected,
-                    flagged_at_ms: at,
-                    time_ms: when,
-                    retraction: true,
-                });
+                out.push(pending(when, true));
             }
         }
         Ok(out)
