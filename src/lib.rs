@@ -39,6 +39,7 @@ pub mod device;
 pub mod discord;
 pub mod engine;
 pub mod error;
+pub mod export;
 #[cfg(feature = "bot")]
 pub mod feedback;
 pub mod lora;

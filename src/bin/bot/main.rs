@@ -1,7 +1,8 @@
 //! The `bot` binary: `bot` / `bot serve` runs the Discord bot, `bot
 //! console` the same pipeline on the terminal, `bot route` prints the
-//! router's decisions, `bot bench` measures them. One file per subcommand;
-//! this one only dispatches.
+//! router's decisions, `bot bench` measures them, `bot export-hf` writes the
+//! base model as a Hugging Face directory. One file per subcommand; this one
+//! only dispatches.
 
 mod app;
 mod bench;
@@ -60,6 +61,15 @@ enum Command {
     },
     /// Measure routing latency and throughput per batch size.
     Bench(bench::BenchArgs),
+    /// Write the base model (a GGUF file) as a Hugging Face directory:
+    /// config.json, model.safetensors (dequantized), tokenizer.json.
+    ExportHf {
+        /// Directory to write (created if needed).
+        dir: std::path::PathBuf,
+        /// Weight dtype: bf16 (what CUDA computes in) or f32 (exact).
+        #[arg(long, default_value = "bf16", value_parser = ["bf16", "f32"])]
+        dtype: String,
+    },
 }
 
 /// One line of `bot route` output.
@@ -79,8 +89,10 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Serve);
-    if matches!(command, Command::Route { .. } | Command::Bench(_))
-        && cli.model.default_base_missing()
+    if matches!(
+        command,
+        Command::Route { .. } | Command::Bench(_) | Command::ExportHf { .. }
+    ) && cli.model.default_base_missing()
     {
         router::cli::fetch_default_model()?;
     }
@@ -88,6 +100,22 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve => serve::run(&cli.model, &cli.bot),
         Command::Console => console::run(&cli.model, &cli.bot),
         Command::Bench(args) => bench::run(&cli.model, args),
+        Command::ExportHf { dir, dtype } => {
+            let dtype = match dtype.as_str() {
+                "f32" => candle_core::DType::F32,
+                _ => candle_core::DType::BF16,
+            };
+            let base = cli.model.base_spec();
+            let done = router::export::export_gguf(std::path::Path::new(&base), &dir, dtype)
+                .with_context(|| format!("exporting {base}"))?;
+            println!(
+                "{base} -> {}: {} tensors, {} parameters",
+                dir.display(),
+                done.tensors,
+                done.parameters
+            );
+            Ok(())
+        }
         Command::Route {
             json,
             full,
