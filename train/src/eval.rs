@@ -1,10 +1,11 @@
 //! The evaluator: routes every row of a test file, compares with the gold
 //! label under the strict rule, and reports the confusion matrix, precision,
 //! recall and F1 (overall, per language, per held-out situation), how much
-//! of the reference prompts the extracted prompts keep, and the
+//! of the reference prompts the extracted prompts keep, whether edits keep
+//! their operation (remove stays remove, not "replace"), and the
 //! precision/recall curve over the call-probability threshold.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::path::Path;
 
@@ -50,6 +51,8 @@ pub struct Report {
     pub prompt_recall_by_lang: BTreeMap<String, f64>,
     /// Rows of the situations kept out of training.
     pub held_out: Confusion,
+    /// Edit rows: does the extracted prompt name the reference's operations?
+    pub edits: EditCheck,
     #[serde(skip)]
     pub predictions: Vec<Prediction>,
 }
@@ -269,6 +272,7 @@ pub fn evaluate(router: &mut Router, rows: &[Example], batch: usize) -> Result<R
             .map(|(l, (sum, n))| (l, sum / n as f64))
             .collect(),
         held_out,
+        edits: edit_check(&predictions),
         predictions,
     })
 }
@@ -319,6 +323,7 @@ pub fn print_report(report: &Report, out: &mut impl Write) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", ")
     )?;
+    print_edit_check(&report.edits, out)?;
     writeln!(
         out,
         "precision/recall over the call threshold (first-position probability):"
@@ -379,6 +384,459 @@ pub fn write_predictions(predictions: &[Prediction], path: &Path) -> Result<()> 
         writeln!(f, "{}", serde_json::to_string(p)?)?;
     }
     f.flush()?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// "No edit turned into another operation": the edit operations a prompt
+// names, by a small keyword lexicon per language, compared between the
+// reference prompt and the extracted one.
+
+/// An edit operation, as a prompt words it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EditOp {
+    /// remove / delete / 去掉 / 刪除 / 移除 / 拿掉 / P掉 / 剷走 / 唔要 ...
+    Remove,
+    /// add / put / give / 加 / 加上 / 添加 / 補上 / 戴上 ...
+    Add,
+    /// replace / swap / instead of / 替換 / 取代; and any other "change X to
+    /// Y" (換成 / 改成 / 變成 / turn / make ...) that names no colour or style
+    Replace,
+    /// recolour / colorize / black and white / 顏色 / 配色 / 色調 / 上色, or a
+    /// change to a colour (改成墨綠色, make the sky purple)
+    Recolor,
+    /// a change of style or medium (風格, 畫風, 質感, style; 改成水彩, turn
+    /// into anime)
+    Restyle,
+    /// extend / outpaint / expand / zoom out / 延伸 / 擴展 / 擴闊
+    Extend,
+    /// crop / trim / 裁切
+    Crop,
+    /// blur / 模糊 / 虛化 / 打碼
+    Blur,
+    /// upscale / resolution / 4K / 解析度 / 畫質 / 放大兩倍
+    Upscale,
+    /// light, tone and sharpness: brighten / darken / sharpen / contrast /
+    /// saturation / 調亮 / 提亮 / 銳利 / 對比 / 降噪 / 色溫
+    Adjust,
+    /// bigger / smaller / 放大 / 縮小
+    Resize,
+    /// move / straighten / rotate / 移到 / 挪 / 拉正
+    Move,
+    /// restore / repair / 修復 / 還原
+    Restore,
+    /// the constraint that goes with an edit: keep / leave / 保持 / 保留 / 不要動
+    Keep,
+}
+
+impl EditOp {
+    pub fn name(self) -> &'static str {
+        match self {
+            EditOp::Remove => "remove",
+            EditOp::Add => "add",
+            EditOp::Replace => "replace",
+            EditOp::Recolor => "recolor",
+            EditOp::Restyle => "restyle",
+            EditOp::Extend => "extend",
+            EditOp::Crop => "crop",
+            EditOp::Blur => "blur",
+            EditOp::Upscale => "upscale",
+            EditOp::Adjust => "adjust",
+            EditOp::Resize => "resize",
+            EditOp::Move => "move",
+            EditOp::Restore => "restore",
+            EditOp::Keep => "keep",
+        }
+    }
+}
+
+/// Words that name an operation by themselves. CJK entries match anywhere;
+/// Latin ones as whole words (of the lower-cased text). `加`, `唔要`, `擴`,
+/// `裁` and the colour/style rules are handled in [`clause_ops`].
+const OP_WORDS: &[(EditOp, &str)] = &[
+    (
+        EditOp::Remove,
+        "去掉|去除|去背|執走|执走|刪除|删除|刪掉|删掉|刪走|删走|移除|移掉|拿掉|拿走|p掉|p 掉|\
+            p走|消掉|擦掉|清掉|清除|抹掉|除掉|搬走|剷走|铲走|拎走|攞走|摳走|抠走|\
+            摳掉|抠掉|弄走|弄掉|修掉|去咗|remove|removed|removing|delete|deleted|\
+            erase|erased|get rid of|take out|take away|take off|lose the|cut out",
+    ),
+    (
+        EditOp::Add,
+        "添加|添上|多放|放上|補上|补上|補一|补一|補個|补个|掛上|挂上|掛一|挂一|擺一|摆一|插入|貼上|贴上|戴上|戴一|戴個|戴个|戴副|\
+            寫上|写上|多一|add|added|adding|put|insert|include|give|place|stick|\
+            attach|write",
+    ),
+    (
+        EditOp::Replace,
+        "替換|替换|取代|換掉|换掉|改名|instead of|replace|replaced|swap|swapped|\
+            rename|renamed",
+    ),
+    (
+        EditOp::Extend,
+        "延伸|拉闊|拉阔|outpaint|outpainting|extend|extended|expand|expanded|\
+            widen|zoom out|uncrop",
+    ),
+    (EditOp::Crop, "crop|cropped|cropping|trim|zoom in"),
+    (
+        EditOp::Blur,
+        "模糊|虛化|虚化|糊掉|打碼|打码|馬賽克|马赛克|矇|朦|blur|blurred|blurry|\
+            defocus|out of focus|pixelate|censor",
+    ),
+    (
+        EditOp::Upscale,
+        "解析度|分辨率|畫質|画质|高清|超解析|2k|upscale|upscaled|upscaling|upres|\
+            high res|hi-res|resolution|4k|8k",
+    ),
+    (
+        EditOp::Adjust,
+        "調亮|调亮|提亮|調光|调光|變亮|变亮|亮一點|亮一点|亮啲|光啲|調暗|调暗|變暗|变暗|\
+            暗一點|暗一点|暗啲|壓暗|压暗|亮度|暗度|銳利|锐利|銳化|锐化|清楚|清晰|\
+            對比|对比|飽和|饱和|曝光|降噪|噪點|噪点|雜訊|杂讯|色溫|色温|調暖|调暖|\
+            調冷|调冷|暖一點|暖一点|冷一點|冷一点|加強|加强|加深|加重|顆粒|颗粒|\
+            磨皮|鮮豔|鮮艷|鲜艳|brighten|brighter|lighten|darken|darker|dim|\
+            sharpen|sharper|crisp|contrast|saturation|saturate|saturated|\
+            desaturate|exposure|denoise|noise|grain|warmer|cooler|brightness|\
+            vibrant|vivid|dehaze",
+    ),
+    (
+        EditOp::Resize,
+        "放大|縮小|缩小|大一點|大一点|小一點|小一点|大啲|細啲|加大|bigger|\
+            smaller|larger|enlarge|shrink|resize",
+    ),
+    (
+        EditOp::Move,
+        "移到|移去|搬去|搬到|左移|右移|上移|下移|移一|移過|移过|移動|移动|拉正|\
+            轉正|转正|旋轉|旋转|move|moved|shift|reposition|straighten|rotate|flip|\
+            mirror",
+    ),
+    (
+        EditOp::Restore,
+        "修復|修复|還原|还原|修補|修补|restore|restored|repair",
+    ),
+    (
+        EditOp::Keep,
+        "保持|保留|不要動|不要动|不要改|别改|別改|不改|唔好改|不要換|不要换|不要跑掉|別動|别动|不動|不动|不要變|不要变|不變|不变|\
+            唔好郁|唔好變|唔好变|維持|维持|留返|淨係留|keep|keeping|leave the|\
+            untouched|don't change|don't touch|as is",
+    ),
+    (
+        EditOp::Recolor,
+        "上色|上返色|顏色|颜色|色彩|配色|色調|色调|調色|调色|底色|黑白|單色|单色|色系|\
+            colorize|colourize|recolor|recolour|color|colour|colors|colours|\
+            black and white|grayscale|greyscale|monochrome|sepia|tint|palette|hue",
+    ),
+    (
+        EditOp::Restyle,
+        "風格|风格|畫風|画风|筆觸|笔触|質感|质感|style|styled|restyle|aesthetic|\
+            deep fry|deep fried|deep-fried",
+    ),
+];
+
+/// Verbs of a change whose kind is told by what follows (a colour, a style,
+/// else a replacement).
+const CHANGE_WORDS: &str = "換成|换成|改成|改為|改为|變成|变成|換做|换做|改做|變做|变做|轉成|转成|\
+            轉做|转做|轉為|转为|做成|弄成|整成|p成|畫成|画成|調成|调成|換|换|改|變|\
+            变|轉|转|change|changed|turn|turned|convert|converted|transform|make|\
+            made|into|switch|set|as";
+
+/// Styles and media a change can turn a picture into.
+const STYLE_NOUNS: &str = "水彩|油畫|油画|水墨|素描|像素|漫畫|漫画|動漫|动漫|卡通|插畫|插画|手繪|\
+            手绘|浮世繪|浮世绘|吉卜力|賽博|赛博|蒸汽|國畫|国画|版畫|版画|剪紙|剪纸|\
+            梵谷|梵高|莫內|莫奈|ghibli|cyberpunk|steampunk|anime|cartoon|\
+            watercolor|watercolour|oil painting|sketch|painting|illustration|comic|\
+            pop art|pixel art|claymation|lego|8-bit|16-bit|vaporwave|ukiyo-e|\
+            van gogh|noir|manga";
+
+const COLOR_WORDS: &str = "red|blue|green|yellow|purple|pink|black|white|grey|gray|orange|gold|\
+            silver|brown|teal|navy|beige|cyan|magenta|violet|turquoise|maroon|\
+            cream";
+
+/// First characters of a CJK colour name followed by 色 (紅色, 墨綠色 ...).
+const COLOR_CHARS: &str = "紅红藍蓝綠绿黃黄紫粉黑白灰橙橘金銀银棕褐青米靛";
+
+/// Separators between the clauses of a prompt (each clause is classified
+/// on its own, so that "換成海邊，加上夕陽" is a replacement and an addition).
+const CLAUSE_WORDS: &str = "然後|然后|順便|顺便|同埋|並且|并且|還有|还有|仲有|另外";
+const CLAUSE_LATIN: &[&str] = &["and", "then", "also", "plus"];
+
+fn is_latin_word_char(c: char) -> bool {
+    c.is_ascii_alphanumeric()
+}
+
+/// Does `hay` (lower-cased) contain `word`: anywhere for a word with CJK,
+/// else as a whole Latin word or phrase.
+fn has_word(hay: &str, word: &str) -> bool {
+    if !word.is_ascii() {
+        return hay.contains(word);
+    }
+    hay.match_indices(word).any(|(i, _)| {
+        let before = hay[..i].chars().next_back();
+        let after = hay[i + word.len()..].chars().next();
+        !before.is_some_and(is_latin_word_char) && !after.is_some_and(is_latin_word_char)
+    })
+}
+
+/// Does `hay` contain any of the `|`-separated `words`.
+fn has_any(hay: &str, words: &str) -> bool {
+    words.split('|').any(|w| has_word(hay, w))
+}
+
+/// Splits a lower-cased prompt into clauses.
+fn clauses(text: &str) -> Vec<String> {
+    let mut t = text.to_string();
+    for w in CLAUSE_WORDS.split('|') {
+        t = t.replace(w, "|");
+    }
+    let mut out = Vec::new();
+    for piece in t.split(|c: char| "|，,、;；。.!！?？:：\n/+&()（）「」“”\"".contains(c))
+    {
+        let mut cur: Vec<&str> = Vec::new();
+        for w in piece.split_whitespace() {
+            if CLAUSE_LATIN.contains(&w) {
+                out.push(cur.join(" "));
+                cur.clear();
+            } else {
+                cur.push(w);
+            }
+        }
+        out.push(cur.join(" "));
+    }
+    out.retain(|c| !c.trim().is_empty());
+    out
+}
+
+/// `加` as "add" (not 加深/加強/加大/加油/參加/更加 ...).
+fn has_add_char(c: &str) -> bool {
+    let chars: Vec<char> = c.chars().collect();
+    chars.iter().enumerate().any(|(i, &ch)| {
+        ch == '加'
+            && !chars
+                .get(i + 1)
+                .is_some_and(|n| "深強强重亮大快粗寬宽長长高熱热速工班油減减".contains(*n))
+            && !(i > 0 && "參参更".contains(chars[i - 1]))
+    })
+}
+
+/// 唔要 (Cantonese "don't want") as removal, not 唔要郁 ("don't move").
+fn has_cantonese_drop(c: &str) -> bool {
+    c.match_indices("唔要")
+        .any(|(i, s)| !c[i + s.len()..].starts_with(['郁', '動', '动', '變', '变', '改']))
+}
+
+/// 風 as a style (賽博朋克風, 日系風), not 風景 / 風車 / 風褸 ...
+fn has_style_char(c: &str) -> bool {
+    c.match_indices(['風', '风']).any(|(i, s)| {
+        !c[i + s.len()..].starts_with([
+            '景', '車', '车', '扇', '箏', '筝', '雨', '暴', '吹', '褸', '褛', '衣', '格',
+        ])
+    })
+}
+
+fn clause_ops(c: &str) -> BTreeSet<EditOp> {
+    let mut ops = BTreeSet::new();
+    for (op, words) in OP_WORDS {
+        if matches!(op, EditOp::Recolor | EditOp::Restyle) {
+            continue;
+        }
+        if has_any(c, words) {
+            ops.insert(*op);
+        }
+    }
+    if has_add_char(c) {
+        ops.insert(EditOp::Add);
+    }
+    if has_cantonese_drop(c) {
+        ops.insert(EditOp::Remove);
+    }
+    if c.contains(['擴', '扩']) {
+        ops.insert(EditOp::Extend);
+    }
+    if c.contains('裁') {
+        ops.insert(EditOp::Crop);
+    }
+    if c.contains('挪') {
+        ops.insert(EditOp::Move);
+    }
+    // 放大兩倍 / 2x: more pixels, not a bigger object.
+    if c.contains("放大") && (c.contains('倍') || has_any(c, "2x|x2|4x|x4")) {
+        ops.insert(EditOp::Upscale);
+    }
+    if ops.contains(&EditOp::Upscale) {
+        ops.remove(&EditOp::Resize);
+    }
+    let change = has_any(c, CHANGE_WORDS);
+    let words = |op: EditOp| {
+        OP_WORDS
+            .iter()
+            .find(|(o, _)| *o == op)
+            .map_or("", |(_, w)| *w)
+    };
+    let colour = c
+        .char_indices()
+        .any(|(i, ch)| COLOR_CHARS.contains(ch) && c[i + ch.len_utf8()..].starts_with('色'))
+        || has_any(c, COLOR_WORDS);
+    if has_any(c, words(EditOp::Recolor)) || (change && colour) {
+        ops.insert(EditOp::Recolor);
+    }
+    if has_any(c, words(EditOp::Restyle))
+        || (change && (has_any(c, STYLE_NOUNS) || has_style_char(c)))
+    {
+        ops.insert(EditOp::Restyle);
+    }
+    if change && ops.is_empty() {
+        ops.insert(EditOp::Replace);
+    }
+    ops
+}
+
+/// The edit operations a prompt names (empty for a prompt that names none).
+pub fn edit_ops(prompt: &str) -> BTreeSet<EditOp> {
+    clauses(&prompt.to_lowercase())
+        .iter()
+        .flat_map(|c| clause_ops(c))
+        .collect()
+}
+
+/// Words of a message that point at a picture that already exists.
+const EDIT_MARKERS: &str = "這張|这张|呢張|呢张|嗰張|嗰张|張相|张相|幅相|呢幅|這幅|这幅|剛剛那|\
+    刚刚那|刚才那|剛才那|上一張|上一张|修圖|修图|p圖|p图|修一下|p一下|edit|\
+    photoshop|this photo|this pic|this image|my photo|my pic|the photo|\
+    my selfie|this selfie|that one";
+
+/// Is this gold call an edit: its `meta` says so (intent `edit` /
+/// `edit-implicit`, or kind `edit` in the generator's files); a row with
+/// other meta counts when its reference names an operation and the message
+/// points at an existing picture; a row without meta when its reference
+/// names an operation.
+pub fn is_edit(p: &Prediction) -> bool {
+    let Some(gold) = &p.gold_prompt else {
+        return false;
+    };
+    if p.intent.as_deref().is_some_and(|i| i.starts_with("edit"))
+        || p.kind.as_deref() == Some("edit")
+    {
+        return true;
+    }
+    if edit_ops(gold).is_empty() {
+        return false;
+    }
+    if p.intent.is_none() && p.kind.is_none() {
+        return true;
+    }
+    has_any(&p.text.to_lowercase(), EDIT_MARKERS)
+}
+
+/// An edit whose extracted prompt names other operations than the reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangedEdit {
+    pub text: String,
+    pub lang: Option<String>,
+    pub gold_prompt: String,
+    pub prompt: String,
+    pub expected: Vec<EditOp>,
+    pub got: Vec<EditOp>,
+}
+
+impl ChangedEdit {
+    /// `dropped` (some operation missing, nothing else), `added` (all kept,
+    /// another one added) or `turned` (into another operation).
+    pub fn how(&self) -> &'static str {
+        let missing = self.expected.iter().any(|o| !self.got.contains(o));
+        let extra = self.got.iter().any(|o| !self.expected.contains(o));
+        match (missing, extra) {
+            (true, false) => "dropped",
+            (false, true) => "added",
+            _ => "turned",
+        }
+    }
+}
+
+/// "No edit turned into another operation", over the edit rows of a file.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct EditCheck {
+    /// Edit rows routed to a call whose reference names an operation.
+    pub rows: usize,
+    /// Those whose extracted prompt names exactly the reference's operations.
+    pub kept: usize,
+    pub changed: Vec<ChangedEdit>,
+    /// Edit rows routed to chat (counted as missed calls, not here).
+    pub routed_to_chat: usize,
+    /// Edit rows whose reference names no operation the lexicon knows.
+    pub unrecognised: usize,
+}
+
+/// Compares the operations of every edit row's reference and extracted prompt.
+pub fn edit_check(predictions: &[Prediction]) -> EditCheck {
+    let mut check = EditCheck::default();
+    for p in predictions.iter().filter(|p| is_edit(p)) {
+        let Some(gold) = &p.gold_prompt else { continue };
+        let expected = edit_ops(gold);
+        if expected.is_empty() {
+            check.unrecognised += 1;
+            continue;
+        }
+        let Some(prompt) = p.prompt.as_deref().filter(|_| p.pred == Route::Image) else {
+            check.routed_to_chat += 1;
+            continue;
+        };
+        check.rows += 1;
+        let got = edit_ops(prompt);
+        if got == expected {
+            check.kept += 1;
+        } else {
+            check.changed.push(ChangedEdit {
+                text: p.text.clone(),
+                lang: p.lang.clone(),
+                gold_prompt: gold.clone(),
+                prompt: prompt.to_string(),
+                expected: expected.into_iter().collect(),
+                got: got.into_iter().collect(),
+            });
+        }
+    }
+    check
+}
+
+fn op_list(ops: &[EditOp]) -> String {
+    if ops.is_empty() {
+        return "(none)".into();
+    }
+    ops.iter().map(|o| o.name()).collect::<Vec<_>>().join("+")
+}
+
+/// `edits: N rows, operation kept K, changed: C (...)` and one line per
+/// changed edit.
+pub fn print_edit_check(check: &EditCheck, out: &mut impl Write) -> Result<()> {
+    if check.rows + check.routed_to_chat + check.unrecognised == 0 {
+        return Ok(());
+    }
+    let count = |how: &str| check.changed.iter().filter(|c| c.how() == how).count();
+    writeln!(
+        out,
+        "edits: {} rows, operation kept {}, changed: {} ({} dropped an operation, {} turned into another, {} added one); not counted: {} routed to chat, {} without a known operation",
+        check.rows,
+        check.kept,
+        check.changed.len(),
+        count("dropped"),
+        count("turned"),
+        count("added"),
+        check.routed_to_chat,
+        check.unrecognised,
+    )?;
+    for c in &check.changed {
+        writeln!(
+            out,
+            "  {} [{}] {} -> {}: {:?} => {:?}",
+            c.how(),
+            c.lang.as_deref().unwrap_or("-"),
+            op_list(&c.expected),
+            op_list(&c.got),
+            c.gold_prompt,
+            c.prompt
+        )?;
+    }
     Ok(())
 }
 
@@ -448,5 +906,232 @@ mod tests {
         assert_eq!(char_f1("A cat", "a cat!"), 1.0);
         assert_eq!(char_f1("cat", "dog"), 0.0);
         assert!((char_f1("黑貓", "黑狗") - 0.5).abs() < 1e-9);
+    }
+    fn ops(s: &str) -> Vec<EditOp> {
+        edit_ops(s).into_iter().collect()
+    }
+
+    #[test]
+    fn edit_operations_in_traditional_chinese() {
+        use EditOp::*;
+        assert_eq!(
+            ops("拿掉左下角的垃圾桶，整體色調改成暖橘色"),
+            vec![Remove, Recolor]
+        );
+        assert_eq!(ops("背景換成一整片薰衣草田"), vec![Replace]);
+        assert_eq!(ops("延伸成 21:9，兩邊補上更多稻田"), vec![Add, Extend]);
+        assert_eq!(ops("把這張自拍改成水墨畫的質感"), vec![Restyle]);
+        assert_eq!(ops("後面的車流全部模糊掉"), vec![Blur]);
+        assert_eq!(ops("解析度放大三倍"), vec![Upscale]);
+        assert_eq!(ops("帽子放大一點"), vec![Resize]);
+        assert_eq!(ops("陰影加深，其他地方都不要動"), vec![Adjust, Keep]);
+        // Not edits: a plain scene, and 加 in 加油.
+        assert_eq!(ops("一隻在屋頂上彈烏克麗麗的浣熊，水彩風"), vec![]);
+        assert_eq!(ops("看台上的人揮著加油棒"), vec![]);
+    }
+
+    #[test]
+    fn edit_operations_in_simplified_chinese() {
+        use EditOp::*;
+        assert_eq!(ops("把桌上的外卖盒删掉，再加两只小猫"), vec![Remove, Add]);
+        assert_eq!(ops("外套从白色改成藏青色"), vec![Recolor]);
+        assert_eq!(ops("往上下扩成竖版 9:16"), vec![Extend]);
+        assert_eq!(ops("背景虚化一点"), vec![Blur]);
+        assert_eq!(ops("照片调暗"), vec![Adjust]);
+        assert_eq!(ops("把头像改成赛博朋克风"), vec![Restyle]);
+        assert_eq!(ops("裁成 1:1 的正方形"), vec![Crop]);
+        assert_eq!(ops("把台灯挪到桌子右边"), vec![Move]);
+        assert_eq!(ops("老照片修复，然后上色"), vec![Recolor, Restore]);
+    }
+
+    #[test]
+    fn edit_operations_in_cantonese() {
+        use EditOp::*;
+        assert_eq!(ops("將門口嗰架單車剷走"), vec![Remove]);
+        assert_eq!(ops("唔要後面啲遊客"), vec![Remove]);
+        assert_eq!(ops("唔要郁佢塊面"), vec![]);
+        assert_eq!(ops("件裙改做酒紅色"), vec![Recolor]);
+        assert_eq!(ops("擴闊少少變做橫向"), vec![Extend]);
+        assert_eq!(ops("加啲煙花喺天上"), vec![Add]);
+        assert_eq!(ops("成張相轉做黑白"), vec![Recolor]);
+        assert_eq!(ops("張梳化移去窗邊"), vec![Move]);
+        assert_eq!(ops("個天換做星空"), vec![Replace]);
+    }
+
+    #[test]
+    fn edit_operations_in_english_and_mixed() {
+        use EditOp::*;
+        assert_eq!(ops("remove the bin on the right"), vec![Remove]);
+        assert_eq!(ops("get rid of the glare on his glasses"), vec![Remove]);
+        assert_eq!(ops("swap the sneakers for rain boots"), vec![Replace]);
+        assert_eq!(ops("make the background a snowy forest"), vec![Replace]);
+        assert_eq!(ops("make the car bright purple"), vec![Recolor]);
+        assert_eq!(ops("turn it into a watercolor painting"), vec![Restyle]);
+        assert_eq!(ops("extend the canvas to 16:9"), vec![Extend]);
+        assert_eq!(ops("blur the crowd behind her"), vec![Blur]);
+        assert_eq!(ops("upscale to 4k"), vec![Upscale]);
+        assert_eq!(ops("make it darker and sharpen the text"), vec![Adjust]);
+        assert_eq!(ops("colorize this old family photo"), vec![Recolor]);
+        assert_eq!(ops("add a scarf, keep her face the same"), vec![Add, Keep]);
+        assert_eq!(ops("crop out the timestamp"), vec![Crop]);
+        assert_eq!(ops("a raccoon playing the ukulele on a roof"), vec![]);
+        assert_eq!(ops("outpaint 成 3:2，左邊多一點山"), vec![Add, Extend]);
+        assert_eq!(ops("把 sky 換成 sunset"), vec![Replace]);
+        // "remove" is a word, not a part of one; "sunset" is not "set".
+        assert_eq!(ops("removal company van at sunset"), vec![]);
+    }
+
+    fn edit_row(intent: Option<&str>, gold: &str, pred: Option<&str>) -> Prediction {
+        Prediction {
+            text: format!("edit this: {gold}"),
+            gold: Route::Image,
+            pred: route_of(pred.is_some()),
+            output: String::new(),
+            prompt: pred.map(String::from),
+            gold_prompt: Some(gold.to_string()),
+            lang: Some("en".into()),
+            kind: Some("pets".into()),
+            intent: intent.map(String::from),
+            call_probability: 0.9,
+        }
+    }
+
+    #[test]
+    fn edit_check_counts_kept_dropped_turned_and_added_operations() {
+        let e = Some("edit-implicit");
+        let mut chat_row = edit_row(Some("create"), "a cat", None);
+        chat_row.gold = Route::Chat;
+        chat_row.gold_prompt = None;
+        let mut generator_row = edit_row(None, "背景換成海邊", Some("背景改成海邊"));
+        generator_row.kind = Some("edit".into());
+        generator_row.text = "幫我把背景換成海邊".into();
+        let mut no_meta = edit_row(None, "remove the bird", Some("a bird"));
+        no_meta.kind = None;
+        let preds = vec![
+            // kept, whatever the wording
+            edit_row(
+                e,
+                "remove the lamp and add a plant",
+                Some("get rid of the lamp, add a plant"),
+            ),
+            generator_row,
+            // dropped the second operation
+            edit_row(
+                e,
+                "remove the lamp and add a plant",
+                Some("remove the lamp"),
+            ),
+            // turned a removal into a replacement
+            edit_row(e, "remove the lamp", Some("replace the lamp with a plant")),
+            // added an operation nobody asked for
+            edit_row(
+                Some("edit"),
+                "blur the background",
+                Some("blur the background, remove the people"),
+            ),
+            // without meta: an edit because the reference names one; its operation is gone
+            no_meta,
+            // other meta, but the message points at an existing picture
+            {
+                let mut r = edit_row(Some("mention"), "天空換成晚霞", Some("天空換成晚霞"));
+                r.text = "<@123456789012345678> 這張天空換成晚霞".into();
+                r
+            },
+            // not counted: routed to chat; no known operation; a create row; a chat row
+            edit_row(e, "crop to a square", None),
+            edit_row(e, "the same cat but sleepier", Some("the same cat")),
+            {
+                let mut r = edit_row(
+                    Some("create"),
+                    "a red barn turned into a cafe",
+                    Some("a red barn"),
+                );
+                r.text = "draw a red barn turned into a cafe".into();
+                r
+            },
+            chat_row,
+        ];
+        let c = edit_check(&preds);
+        assert_eq!(c.rows, 7, "{c:?}");
+        assert_eq!(c.kept, 3);
+        assert_eq!(c.routed_to_chat, 1);
+        assert_eq!(c.unrecognised, 1);
+        let hows: Vec<&str> = c.changed.iter().map(|x| x.how()).collect();
+        assert_eq!(hows, vec!["dropped", "turned", "added", "dropped"]);
+        assert_eq!(c.changed[1].expected, vec![EditOp::Remove]);
+        assert_eq!(c.changed[1].got, vec![EditOp::Replace]);
+        let mut out = Vec::new();
+        print_edit_check(&c, &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with("edits: 7 rows, operation kept 3, changed: 4 (2 dropped an operation, 1 turned into another, 1 added one)"),
+            "{out}"
+        );
+        assert!(out.contains("turned [en] remove -> replace: \"remove the lamp\" => \"replace the lamp with a plant\""), "{out}");
+        assert_eq!(out.lines().count(), 5);
+    }
+    /// A line written by `--predictions` (the router's `Route` has no
+    /// `Deserialize`, so this reads the fields by hand).
+    fn prediction_from_json(line: &str) -> Prediction {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let s = |k: &str| v[k].as_str().map(String::from);
+        Prediction {
+            text: s("text").unwrap_or_default(),
+            gold: route_of(v["gold"] == "image"),
+            pred: route_of(v["pred"] == "image"),
+            output: s("output").unwrap_or_default(),
+            prompt: s("prompt"),
+            gold_prompt: s("gold_prompt"),
+            lang: s("lang"),
+            kind: s("kind"),
+            intent: s("intent"),
+            call_probability: v["call_probability"].as_f64().unwrap_or(0.0) as f32,
+        }
+    }
+
+    #[test]
+    fn edit_check_on_rows_the_shipped_adapter_answered() {
+        // Four edits of the natural test file as gemma3-270m-nat-mlp-r16e3 answered
+        // them (train eval --predictions, CPU).
+        let preds: Vec<Prediction> =
+            include_str!("../tests/fixtures/shipped_edit_predictions.jsonl")
+                .lines()
+                .map(prediction_from_json)
+                .collect();
+        let c = edit_check(&preds);
+        assert_eq!((c.rows, c.kept), (4, 1), "{c:?}");
+        let summary: Vec<(&str, String, String)> = c
+            .changed
+            .iter()
+            .map(|x| (x.how(), op_list(&x.expected), op_list(&x.got)))
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                ("dropped", "add+extend".to_string(), "add".to_string()),
+                ("dropped", "replace+keep".to_string(), "replace".to_string()),
+                (
+                    "dropped",
+                    "remove+replace".to_string(),
+                    "replace".to_string()
+                ),
+            ]
+        );
+    }
+
+    /// `EDIT_CHECK_PREDICTIONS=a.jsonl:b.jsonl cargo test --release -p train
+    /// edit_check_on_prediction_files -- --ignored --nocapture` prints the
+    /// edit check of files written by `train eval --predictions` (one test
+    /// file each), without a model.
+    #[test]
+    #[ignore]
+    fn edit_check_on_prediction_files() {
+        let files = std::env::var("EDIT_CHECK_PREDICTIONS").unwrap_or_default();
+        for f in files.split(':').filter(|f| !f.is_empty()) {
+            let text = std::fs::read_to_string(f).unwrap();
+            let preds: Vec<Prediction> = text.lines().map(prediction_from_json).collect();
+            println!("== {f}");
+            print_edit_check(&edit_check(&preds), &mut std::io::stdout()).unwrap();
+        }
     }
 }
