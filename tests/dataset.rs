@@ -6,26 +6,40 @@ use std::path::PathBuf;
 
 use router::dataset::{read_jsonl, Example, HELD_OUT_KINDS};
 
-const FILES: [&str; 7] = [
+/// The generator's files, the seed rows and the natural test file.
+const FIXED_FILES: [&str; 4] = [
     "datas/seed.jsonl",
     "datas/image_call_train.jsonl",
     "datas/image_call_test.jsonl",
-    "datas/natural/train-w1.jsonl",
-    "datas/natural/train-w2.jsonl",
-    "datas/natural/train-w3.jsonl",
     "datas/image_call_natural_test.jsonl",
-];
-const NATURAL_TRAIN: [&str; 3] = [
-    "datas/natural/train-w1.jsonl",
-    "datas/natural/train-w2.jsonl",
-    "datas/natural/train-w3.jsonl",
 ];
 const NATURAL_TEST: &str = "datas/image_call_natural_test.jsonl";
 
-fn rows(files: &[&str]) -> Vec<Example> {
+/// The hand-written training files, `datas/natural/train-*.jsonl` (as many
+/// as there are: `train` reads them all).
+fn natural_train() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir("datas/natural")
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("train-") && n.ends_with(".jsonl"))
+        .map(|n| format!("datas/natural/{n}"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 3, "{files:?}");
+    files
+}
+
+/// Every data file: the fixed ones and the natural training files.
+fn all_files() -> Vec<String> {
+    let mut files: Vec<String> = FIXED_FILES.iter().map(|f| f.to_string()).collect();
+    files.extend(natural_train());
+    files
+}
+
+fn rows<S: AsRef<str>>(files: &[S]) -> Vec<Example> {
     files
         .iter()
-        .flat_map(|f| read_jsonl(f.as_ref()).unwrap())
+        .flat_map(|f| read_jsonl(f.as_ref().as_ref()).unwrap())
         .collect()
 }
 
@@ -36,7 +50,7 @@ fn meta<'a>(r: &'a Example, field: &str) -> &'a str {
 #[test]
 fn no_user_text_repeats_within_or_across_files() {
     let mut seen: HashMap<String, (PathBuf, usize)> = HashMap::new();
-    for f in FILES {
+    for f in all_files() {
         for ex in read_jsonl(f.as_ref()).unwrap() {
             let key: String = ex
                 .user
@@ -61,7 +75,7 @@ fn no_user_text_repeats_within_or_across_files() {
 #[test]
 fn files_are_large_enough_and_about_half_calls() {
     let mut total = 0;
-    for f in &FILES[1..3] {
+    for f in &FIXED_FILES[1..3] {
         let rows = read_jsonl(f.as_ref()).unwrap();
         let calls = rows.iter().filter(|r| r.is_call()).count();
         let share = calls as f64 / rows.len() as f64;
@@ -81,7 +95,7 @@ fn files_are_large_enough_and_about_half_calls() {
 #[test]
 fn every_call_in_the_data_is_canonical() {
     // The model learns exactly the format the router's fast path expects.
-    for f in FILES {
+    for f in all_files() {
         for ex in read_jsonl(f.as_ref()).unwrap() {
             if let Some(p) = ex.gold_prompt() {
                 assert_eq!(
@@ -98,7 +112,7 @@ fn every_call_in_the_data_is_canonical() {
 
 #[test]
 fn natural_training_rows_cover_twenty_kinds_five_languages_about_half_calls() {
-    let train = rows(&NATURAL_TRAIN);
+    let train = rows(&natural_train());
     assert!(train.len() >= 1500, "{} natural training rows", train.len());
     let calls = train.iter().filter(|r| r.is_call()).count();
     let share = calls as f64 / train.len() as f64;
@@ -127,7 +141,7 @@ fn natural_training_rows_cover_twenty_kinds_five_languages_about_half_calls() {
 
 #[test]
 fn held_out_kinds_never_appear_in_training_and_are_in_the_natural_test() {
-    let mut training = rows(&NATURAL_TRAIN);
+    let mut training = rows(&natural_train());
     training.extend(rows(&["datas/image_call_train.jsonl", "datas/seed.jsonl"]));
     for r in &training {
         assert!(
