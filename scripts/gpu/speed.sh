@@ -10,7 +10,7 @@
 #
 # On the GPU machine, after stage.sh (binaries `bot` and `train` in
 # /tmp/bin) with the default model at model/gemma-3-270m-q4_k_m.gguf (run.sh
-# links it); about 6-8 minutes on an H200 at today's speeds:
+# links it); about 6-7 minutes on an H200 at today's speeds (estimated):
 #     bash scripts/gpu/speed.sh
 # On the dev machine, the CPU rows (small counts; torch, transformers, peft in a venv):
 #     DEVICE=cpu BOT=target/release/bot PYTHON=/tmp/hfvenv/bin/python bash scripts/gpu/speed.sh
@@ -38,7 +38,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
 if [[ $DEVICE == cuda ]]; then
   STEPS=${STEPS:-"270m 1b train"}
-  LIMIT=${LIMIT:-200} LIMIT_1B=${LIMIT_1B:-100} LAT=${LAT:-16} TRAIN_STEPS=${TRAIN_STEPS:-30}
+  LIMIT=${LIMIT:-120} LIMIT_1B=${LIMIT_1B:-60} LAT=${LAT:-12} TRAIN_STEPS=${TRAIN_STEPS:-30}
   SIZES=${SIZES:-1,8,32,128} DECODE=${DECODE:-64} DTYPE=bf16 HF_SKIP=${HF_SKIP:-}
 else
   STEPS=${STEPS:-"270m"}
@@ -53,6 +53,11 @@ RECIPES=${RECIPES:-"32:16:q_proj+k_proj+v_proj+o_proj:96 16:16:$ALL:160"}
 # The shipped adapter's recipe (its train_args.json).
 SHIPPED=(--lora-r 16 --lora-alpha 16 --targets "${ALL//+/,}" --lr 5e-4 --epochs 3 --batch-size 8 --grad-accum 1)
 mkdir -p "$OUT" "$WORK"
+# run.sh assembles the default model under /tmp/stage and links it here.
+if [[ ! -e $MODEL && -f /tmp/stage/gemma-3-270m-q4_k_m.gguf ]]; then
+  mkdir -p "$(dirname "$MODEL")"
+  ln -sf /tmp/stage/gemma-3-270m-q4_k_m.gguf "$MODEL"
+fi
 t0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 has() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -76,7 +81,7 @@ if has 270m; then
   $BOT --base-model "$MODEL" export-hf "$WORK/hf270" --dtype $DTYPE
   stamp "270M: ours"
   $BOT --base-model "$MODEL" --adapter "$ADAPTER" --device "$DEVICE" bench --limit "$LIMIT" \
-    --batch-sizes "$SIZES" --image-limit 50 --decode-steps "$DECODE" --generate 40 --generate-limit "$LAT" \
+    --batch-sizes "$SIZES" --image-limit 30 --decode-steps "$DECODE" --generate 40 --generate-limit "$LAT" \
     --out "$OUT/ours_270m.json" --dump-ids "$WORK/ids_270m.jsonl" 2>&1 | tee "$OUT/ours_270m.txt"
   cp "$WORK/ids_270m.jsonl" "$OUT/"
   stamp "270M: transformers + PEFT"
@@ -216,10 +221,9 @@ def train_summary(name):
 print(open(os.path.join(out, "env.txt")).read().strip().replace("\n", "  \n"))
 for size, label in [("270m", "Gemma-3-270M (Q4_K_M dequantized), shipped adapter"),
                     ("1b", "Gemma-3-1B shape, random weights, random r 16 adapter")]:
-    ours, hf = load(f"ours_{size}.json"), load(f"hf_{size}.json")
-    if ours is None and hf is None:
+    ours, hf, tr = load(f"ours_{size}.json"), load(f"hf_{size}.json"), train_summary(size)
+    if ours is None and hf is None and tr is None:
         continue
-    tr = train_summary(size)
     rows = []
 
     def row(measure, o, h, lower=True, unit=""):
