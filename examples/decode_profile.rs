@@ -1,45 +1,197 @@
-//! Where a routing decision's time goes on this machine: prefill, one decode
-//! step of the decoder body, and the output head, for batch 1 and 8, on the
-//! default model or the one named (CPU).
-//! `cargo run --release --example decode_profile [-- <model>]`
-use candle_core::{Device, Tensor};
-use router::model::{dense_batch, Batch, Cache, Mode};
+//! Where a routing decision's time goes, phase by phase, on any device:
+//! the system prompt's prefill, a message's prefill after it, one decode
+//! step of the decoder body, the output head, and the first-token softmax
+//! read back to the host, for several batch sizes. Each phase ends with a
+//! device synchronisation, so GPU numbers are wall times of finished work.
+//!
+//! ```text
+//! cargo run --release --example decode_profile -- [--device cuda] [--model PATH | --shape 270m|1b]
+//! ```
+//! `--shape` builds random weights of that Gemma-3 shape (no files needed);
+//! the default is the default model.
 use std::time::Instant;
+
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use router::model::{
+    dense_batch, Architecture, Batch, Cache, Decoder, Mode, ModelConfig, RopeScaling,
+};
+
+/// Random weights for any requested tensor (the output head stays tied).
+struct RandomWeights;
+
+impl SimpleBackend for RandomWeights {
+    fn get(
+        &self,
+        s: Shape,
+        _: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        Tensor::randn(0f32, 0.02, s, dev)?.to_dtype(dtype)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("random weights need a shape for `{name}`")
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        name != "lm_head.weight"
+    }
+}
+
+/// Gemma-3 text configurations by size (values of the published configs).
+fn gemma3_shape(name: &str) -> anyhow::Result<ModelConfig> {
+    let (hidden, intermediate, layers) = match name {
+        "270m" => (640, 2048, 18),
+        "1b" => (1152, 6912, 26),
+        other => anyhow::bail!("unknown shape `{other}` (270m or 1b)"),
+    };
+    Ok(ModelConfig {
+        architecture: Architecture::Gemma3,
+        vocab_size: 262_144,
+        hidden_size: hidden,
+        intermediate_size: intermediate,
+        num_hidden_layers: layers,
+        num_attention_heads: 4,
+        num_key_value_heads: 1,
+        head_dim: 256,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1_000_000.0,
+        rope_local_base_freq: 10_000.0,
+        rope_scaling: RopeScaling::None,
+        sliding_window: Some(512),
+        sliding_layers: (0..layers).map(|i| (i + 1) % 6 != 0).collect(),
+        query_pre_attn_scalar: 256.0,
+        attn_logit_softcapping: None,
+        final_logit_softcapping: None,
+        tie_word_embeddings: true,
+        max_position_embeddings: 32_768,
+    })
+}
+
+fn arg(name: &str) -> Option<String> {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1).cloned())
+}
+
+/// Runs `f` `reps` times after one warm-up, synchronising, and returns ms per run.
+fn timed(
+    dev: &Device,
+    reps: usize,
+    mut f: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let t = Instant::now();
+    for _ in 0..reps {
+        f()?;
+    }
+    dev.synchronize()?;
+    Ok(t.elapsed().as_secs_f64() * 1e3 / reps as f64)
+}
+
+fn ids(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
+    let span = vocab.saturating_sub(300).max(1);
+    (0..n)
+        .map(|i| ((i * 7919 + salt * 104_729) % span + 300) as u32)
+        .collect()
+}
+
 fn main() -> anyhow::Result<()> {
-    let spec = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| router::cli::DEFAULT_BASE_MODEL.to_string());
-    let m = router::model::load(&spec, &Device::Cpu)?;
-    let d = &m.decoder;
-    let hidden = d.cfg.hidden_size;
-    // Ordinary tokens: above the control tokens, within any vocabulary.
-    let span = (d.vocab_size()? as u32).saturating_sub(300).max(1);
-    for b in [1usize, 8] {
-        let ids: Vec<u32> = (0..b * 120)
-            .map(|i| (i as u32 * 7919) % span + 300)
-            .collect();
-        let t = Tensor::from_vec(ids, (b, 120), &Device::Cpu)?;
+    let device = router::device::select(arg("--device").as_deref())?;
+    let (dec, source): (Decoder, String) = match arg("--shape") {
+        Some(shape) => {
+            let cfg = gemma3_shape(&shape)?;
+            let vb = VarBuilder::from_backend(
+                Box::new(RandomWeights),
+                router::model::compute_dtype(&device),
+                device.clone(),
+            );
+            (
+                Decoder::new(&cfg, vb)?,
+                format!("random Gemma-3 {shape} shape"),
+            )
+        }
+        None => {
+            let spec =
+                arg("--model").unwrap_or_else(|| router::cli::DEFAULT_BASE_MODEL.to_string());
+            (router::model::load(&spec, &device)?.decoder, spec)
+        }
+    };
+    let vocab = dec.vocab_size()?;
+    let (prefix_len, user_len) = (240usize, 30usize);
+    println!(
+        "{source} on {} ({:?}); system prefix {prefix_len} tokens, message {user_len} tokens",
+        router::device::describe(&device),
+        dec.dtype
+    );
+    println!("| batch | prefix prefill ms | message prefill ms | prefill tok/s | decode step ms | head ms | first-token softmax+read ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let batches: Vec<usize> = arg("--batches")
+        .unwrap_or_else(|| {
+            if device.is_cuda() {
+                "1,8,32,128".into()
+            } else {
+                "1,8".into()
+            }
+        })
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let reps = if device.is_cuda() { 20 } else { 3 };
+    // The system prompt, once (batch of one), as the router caches it.
+    let prefix_tokens = Tensor::from_vec(ids(prefix_len, 0, vocab), (1, prefix_len), &device)?;
+    let mut prefix = Cache::default();
+    let prefix_ms = timed(&device, reps, || {
+        prefix = Cache::default();
+        dec.forward_hidden(
+            &prefix_tokens,
+            &dense_batch(1, 0, prefix_len),
+            Some(&mut prefix),
+            Mode::Infer,
+        )?;
+        Ok(())
+    })?;
+    for b in batches {
+        let user = Tensor::from_vec(ids(b * user_len, b, vocab), (b, user_len), &device)?;
+        let user_batch = dense_batch(b, prefix_len as u32, user_len);
         let mut cache = Cache::default();
-        let t0 = Instant::now();
-        let h = d.forward_hidden(&t, &dense_batch(b, 0, 120), Some(&mut cache), Mode::Infer)?;
-        let p = t0.elapsed();
-        let t0 = Instant::now();
-        for s in 0..5 {
-            let tok = Tensor::from_vec(vec![500u32; b], (b, 1), &Device::Cpu)?;
+        let mut hidden = None;
+        let user_ms = timed(&device, reps, || {
+            cache = prefix.repeat(b)?;
+            hidden = Some(dec.forward_hidden(&user, &user_batch, Some(&mut cache), Mode::Infer)?);
+            Ok(())
+        })?;
+        let hidden = hidden.expect("ran at least once");
+        let last = vec![user_len - 1; b];
+        let head_ms = timed(&device, reps, || {
+            dec.logits_at(&hidden, &last)?;
+            Ok(())
+        })?;
+        let logits = dec.logits_at(&hidden, &last)?;
+        let read_ms = timed(&device, reps, || {
+            let p = candle_nn::ops::softmax_last_dim(&logits)?;
+            p.narrow(1, 0, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+            logits.argmax(1)?.to_vec1::<u32>()?;
+            Ok(())
+        })?;
+        // Decode steps on top of the message's cache (the cache grows).
+        let mut pos = (prefix_len + user_len) as u32;
+        let step = Tensor::from_vec(ids(b, b + 1, vocab), (b, 1), &device)?;
+        let decode_ms = timed(&device, reps, || {
             let batch = Batch {
-                rows: (0..b).map(|_| vec![Some(120 + s)]).collect(),
+                rows: (0..b).map(|_| vec![Some(pos)]).collect(),
             };
-            let _h = d.forward_hidden(&tok, &batch, Some(&mut cache), Mode::Infer)?;
-        }
-        let body = t0.elapsed() / 5;
-        let hid = h.narrow(1, 119, 1)?.reshape((b, hidden))?;
-        let t0 = Instant::now();
-        for _ in 0..5 {
-            let _ = d.logits(&hid)?;
-        }
-        let head = t0.elapsed() / 5;
+            pos += 1;
+            dec.forward_hidden(&step, &batch, Some(&mut cache), Mode::Infer)?;
+            Ok(())
+        })?;
         println!(
-            "batch {b}: prefill 120 tokens {p:?}; decode step: body {body:?}, output head {head:?}"
+            "| {b} | {prefix_ms:.2} | {user_ms:.2} | {:.0} | {decode_ms:.2} | {head_ms:.2} | {read_ms:.2} |",
+            (b * user_len) as f64 / (user_ms / 1e3)
         );
     }
     Ok(())

@@ -17,7 +17,7 @@ pub fn select(spec: Option<&str>) -> Result<Device> {
     };
     match spec {
         "auto" => Ok(if candle_core::utils::cuda_is_available() {
-            Device::new_cuda(0).unwrap_or(Device::Cpu)
+            Device::new_cuda(0).map(untracked).unwrap_or(Device::Cpu)
         } else {
             Device::Cpu
         }),
@@ -34,10 +34,27 @@ pub fn select(spec: Option<&str>) -> Result<Device> {
                     .map_err(|_| err(format!("`{n}` is not a GPU number")))?,
                 None => 0,
             };
-            Device::new_cuda(ordinal).map_err(|e| err(e.to_string()))
+            Device::new_cuda(ordinal)
+                .map(untracked)
+                .map_err(|e| err(e.to_string()))
         }
         other => Err(err(format!("expected cpu, cuda or cuda:N, got `{other}`"))),
     }
+}
+
+/// Turns off cudarc's per-allocation event tracking, which records and
+/// waits on CUDA events around every kernel so that tensors can cross
+/// streams. candle runs everything of a device on that device's one stream,
+/// and this crate creates one device per process, so the events only cost
+/// host time (measured in docs/BENCHMARKS.md).
+fn untracked(device: Device) -> Device {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = &device {
+        // SAFETY: all work on this device is queued on its single stream;
+        // nothing crosses streams, which is what the events guard against.
+        unsafe { d.disable_event_tracking() };
+    }
+    device
 }
 
 /// Short human description (`cpu`, `cuda:0`).

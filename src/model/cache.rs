@@ -86,6 +86,19 @@ impl Cache {
         Ok(Self { kv, columns })
     }
 
+    /// Masks out the last `n` real columns of `row` (draft tokens that were
+    /// not accepted): their keys and values stay, but nothing attends to
+    /// them any more, and their positions can be written again.
+    pub fn forget_last(&mut self, row: usize, n: usize) {
+        if let Some(cols) = self.columns.get_mut(row) {
+            cols.iter_mut()
+                .rev()
+                .filter(|c| c.is_some())
+                .take(n)
+                .for_each(|c| *c = None);
+        }
+    }
+
     /// Repeats a batch-of-one cache (a shared prompt prefix) `n` times.
     pub fn repeat(&self, n: usize) -> candle_core::Result<Self> {
         let kv = self.map_kv(|t| t.repeat((n, 1, 1, 1)))?;
@@ -96,12 +109,15 @@ impl Cache {
     }
 }
 
-/// Additive attention mask `[B, 1, T, S]` (0 or -inf) for new columns `batch`
-/// after the cached columns `past`.
+/// Additive attention mask (0 or -inf) for new columns `batch` after the
+/// cached columns `past`, stacked `rep` times along the query axis for the
+/// query heads that share a kv head: `[B, 1, rep*T, S]`. Built on the host
+/// once per forward pass and uploaded once.
 pub(crate) fn build_mask(
     past: &[Vec<Option<u32>>],
     batch: &Batch,
     window: Option<usize>,
+    rep: usize,
     dtype: DType,
     dev: &Device,
 ) -> candle_core::Result<Tensor> {
@@ -131,7 +147,14 @@ pub(crate) fn build_mask(
             }
         }
     }
-    Tensor::from_vec(data, (b, 1, t, s), dev)?.to_dtype(dtype)
+    let rep = rep.max(1);
+    if rep > 1 {
+        data = data
+            .chunks(t * s)
+            .flat_map(|row| std::iter::repeat_n(row, rep).flatten().copied())
+            .collect();
+    }
+    Tensor::from_vec(data, (b, 1, rep * t, s), dev)?.to_dtype(dtype)
 }
 
 /// One dense batch (no padding) with positions `start..start+len`.

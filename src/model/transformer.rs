@@ -17,19 +17,23 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use super::cache::{build_mask, Batch, Cache};
 use super::config::{ModelConfig, RopeScaling};
 use super::family::{Activation, Family};
-use super::linear::{linear, matmul_t, Linear, Lora, Mode};
+use super::linear::{frozen_matmul_t, linear, Linear, Lora, Mode};
 
-/// Root-mean-square norm. `alpha` is the effective multiplier, kept in f32
-/// (Gemma's `1 + w` is folded in at load time).
+/// Root-mean-square norm. `alpha` is the effective multiplier in f32 (Gemma's
+/// `1 + w` folded in at load time), used by training's composed ops;
+/// `alpha_infer` is the same in the compute dtype for the fused kernel (which
+/// takes it in the input's dtype and computes in f32 inside), times a scale
+/// folded in at load (the query norm carries the attention scale).
 #[derive(Debug, Clone)]
 struct RmsNorm {
     alpha: Tensor,
+    alpha_infer: Tensor,
     eps: f64,
 }
 
 impl RmsNorm {
-    /// Loads `weight` `[size]` under `vb` in f32, folding in `1 + w` when the
-    /// family stores norms that way.
+    /// Loads `weight` `[size]` under `vb`, folding in `1 + w` when the family
+    /// stores norms that way.
     fn new(
         family: &Family,
         vb: &candle_nn::VarBuilder,
@@ -38,21 +42,34 @@ impl RmsNorm {
     ) -> candle_core::Result<Self> {
         let w = vb.to_dtype(DType::F32).get(size, "weight")?;
         let alpha = if family.norm_plus_one { (w + 1.0)? } else { w };
-        Ok(Self { alpha, eps })
+        let alpha_infer = alpha.to_dtype(vb.dtype())?;
+        Ok(Self {
+            alpha,
+            alpha_infer,
+            eps,
+        })
+    }
+
+    /// Multiplies the inference alpha by `scale` (exact when `scale` is a
+    /// power of two, as Gemma's `1/sqrt(256)` is).
+    fn with_infer_scale(mut self, scale: f64) -> candle_core::Result<Self> {
+        self.alpha_infer = (self.alpha.clone() * scale)?.to_dtype(self.alpha_infer.dtype())?;
+        Ok(self)
     }
 
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let dtype = x.dtype();
-        let x32 = x.to_dtype(DType::F32)?.contiguous()?;
-        let y = match mode {
-            Mode::Infer => candle_nn::ops::rms_norm(&x32, &self.alpha, self.eps as f32)?,
+        match mode {
+            Mode::Infer => {
+                candle_nn::ops::rms_norm(&x.contiguous()?, &self.alpha_infer, self.eps as f32)
+            }
             Mode::Train(_) => {
+                let x32 = x.to_dtype(DType::F32)?;
                 let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
                 x32.broadcast_div(&(ms + self.eps)?.sqrt()?)?
                     .broadcast_mul(&self.alpha)?
+                    .to_dtype(x.dtype())
             }
-        };
-        y.to_dtype(dtype)
+        }
     }
 }
 
@@ -119,13 +136,14 @@ impl Rotary {
     }
 }
 
-/// Applies rotary embedding to `x: [B, H, T, D]` (non-interleaved halves).
+/// Applies rotary embedding to `x: [B, T, H, D]` (non-interleaved halves),
+/// with `cos`/`sin` `[B, T, D/2]`.
 fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
     match mode {
-        Mode::Infer => candle_nn::rotary_emb::rope(&x.contiguous()?, cos, sin),
+        Mode::Infer => candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin),
         Mode::Train(_) => {
-            let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(1)?;
-            let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(1)?;
+            let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(2)?;
+            let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(2)?;
             let d = x.dim(D::Minus1)?;
             let x1 = x.narrow(D::Minus1, 0, d / 2)?;
             let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
@@ -190,6 +208,8 @@ pub struct Decoder {
 }
 
 impl Attention {
+    /// `mask` is already stacked for the query heads that share a kv head
+    /// (`[B, 1, rep*T, S]`, see [`Decoder::forward_hidden`]).
     fn forward(
         &self,
         x: &Tensor,
@@ -205,21 +225,11 @@ impl Attention {
             cfg.num_key_value_heads,
             cfg.head_dim,
         );
-        let q = self
-            .q_proj
-            .forward(x, mode)?
-            .reshape((b, t, nh, hd))?
-            .transpose(1, 2)?;
-        let k = self
-            .k_proj
-            .forward(x, mode)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
-        let v = self
-            .v_proj
-            .forward(x, mode)?
-            .reshape((b, t, nkv, hd))?
-            .transpose(1, 2)?;
+        // Norms and rotary work on `[B, T, heads, D]` as the projections
+        // write it; only the attention product needs heads first.
+        let q = self.q_proj.forward(x, mode)?.reshape((b, t, nh, hd))?;
+        let k = self.k_proj.forward(x, mode)?.reshape((b, t, nkv, hd))?;
+        let v = self.v_proj.forward(x, mode)?.reshape((b, t, nkv, hd))?;
         let q = match &self.q_norm {
             Some(n) => n.forward(&q, mode)?,
             None => q,
@@ -228,8 +238,9 @@ impl Attention {
             Some(n) => n.forward(&k, mode)?,
             None => k,
         };
-        let q = apply_rotary(&q, &cos_sin.0, &cos_sin.1, mode)?;
-        let k = apply_rotary(&k, &cos_sin.0, &cos_sin.1, mode)?;
+        let q = apply_rotary(&q, &cos_sin.0, &cos_sin.1, mode)?.transpose(1, 2)?;
+        let k = apply_rotary(&k, &cos_sin.0, &cos_sin.1, mode)?.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?;
         let (k, v) = match cache {
             Some(slot) => {
                 let (k, v) = match slot.take() {
@@ -244,22 +255,21 @@ impl Attention {
         // Grouped-query attention without copying keys/values: the query
         // heads that share a kv head are stacked along the time axis,
         // `[B, nkv, rep*T, D]` (head h = j*rep + r uses kv head j, as in
-        // transformers' repeat_kv), and the mask is stacked to match.
+        // transformers' repeat_kv), matching the stacked mask.
         let rep = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        let mask = if rep > 1 {
-            Tensor::cat(&vec![mask; rep], 2)?
-        } else {
-            mask.clone()
+        let scores = q.matmul(&k.t()?)?;
+        // Inference folds the scale into the query norm when there is one.
+        let scores = match (mode, &self.q_norm) {
+            (Mode::Infer, Some(_)) => scores,
+            _ => (scores * (1.0 / cfg.query_pre_attn_scalar.sqrt()))?,
         };
-        let scale = 1.0 / cfg.query_pre_attn_scalar.sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?;
         let scores = match cfg.attn_logit_softcapping {
             Some(cap) => ((scores / cap)?.tanh()? * cap)?,
             None => scores,
         };
-        let scores = scores.broadcast_add(&mask)?.to_dtype(DType::F32)?;
+        let scores = scores.broadcast_add(mask)?.to_dtype(DType::F32)?;
         let probs = match mode {
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
             Mode::Train(_) => candle_nn::ops::softmax(&scores, D::Minus1)?,
@@ -322,7 +332,9 @@ impl Decoder {
                     k_proj: linear(&a.pp("k_proj"), nkv * hd, h)?,
                     v_proj: linear(&a.pp("v_proj"), nkv * hd, h)?,
                     o_proj: linear(&a.pp("o_proj"), h, nh * hd)?,
-                    q_norm: optional(&a, family.qk_norm.then_some("q_norm"), hd)?,
+                    q_norm: optional(&a, family.qk_norm.then_some("q_norm"), hd)?
+                        .map(|n| n.with_infer_scale(1.0 / cfg.query_pre_attn_scalar.sqrt()))
+                        .transpose()?,
                     k_norm: optional(&a, family.qk_norm.then_some("k_norm"), hd)?,
                 },
                 mlp: Mlp {
@@ -388,9 +400,10 @@ impl Decoder {
         };
         let empty = Vec::new();
         let past = cache.as_ref().map(|c| &c.columns).unwrap_or(&empty);
-        let mask_global = build_mask(past, batch, None, self.dtype, dev)?;
+        let rep = self.cfg.num_attention_heads / self.cfg.num_key_value_heads.max(1);
+        let mask_global = build_mask(past, batch, None, rep, self.dtype, dev)?;
         let mask_local = match (needs_local, self.cfg.sliding_window) {
-            (true, Some(w)) => Some(build_mask(past, batch, Some(w), self.dtype, dev)?),
+            (true, Some(w)) => Some(build_mask(past, batch, Some(w), rep, self.dtype, dev)?),
             _ => None,
         };
 
@@ -399,12 +412,21 @@ impl Decoder {
             .embedding(&tokens.flatten_all()?)?
             .reshape((b, t, ()))?;
         if let Some(scale) = self.embed_scale {
-            let scale = Tensor::new(scale as f32, dev)?.to_dtype(self.dtype)?;
-            h = h.broadcast_mul(&scale)?;
+            // In the compute dtype, as transformers rounds it.
+            h = h.affine(scale, 0.0)?;
         }
         if let Some(c) = cache.as_deref_mut() {
             c.kv.resize(self.layers.len(), None);
         }
+        // Single-token steps repeat the same shapes every step: on CUDA,
+        // reuse the kernels' uploaded dims/strides instead of copying them
+        // from the host at every launch. Only small parameter vectors are
+        // kept, one per shape; the step's data was uploaded above.
+        #[cfg(feature = "cuda")]
+        let _launch_params = match dev {
+            Device::Cuda(d) if t == 1 => Some(d.enable_cuda_graph_htod_cache()),
+            _ => None,
+        };
         for (i, layer) in self.layers.iter().enumerate() {
             let (cs, mask) = match (layer.sliding, &local, &mask_local) {
                 (true, Some(cs), Some(m)) => (cs, m),
@@ -442,7 +464,7 @@ impl Decoder {
     /// Output logits (f32) for hidden states `[N, hidden]`.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let logits = matmul_t(hidden, head)?.to_dtype(DType::F32)?;
+        let logits = frozen_matmul_t(hidden, head)?.to_dtype(DType::F32)?;
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
