@@ -77,6 +77,12 @@ pub struct RouterConfig {
     /// Decide the route by the call opening's probability at the first
     /// position (call when `>=` this) instead of by the arg-max token.
     pub call_threshold: Option<f32>,
+    /// Prompt-lookup drafts: up to this many tokens copied from the message
+    /// after the latest match of the reply's last tokens, checked in one
+    /// step (0: one token per step). Greedy checking keeps the output
+    /// exactly what one token per step writes; image prompts mostly copy
+    /// the user's words, so most drafts are accepted.
+    pub draft_tokens: usize,
 }
 
 impl Default for RouterConfig {
@@ -88,6 +94,7 @@ impl Default for RouterConfig {
             max_batch: 16,
             max_input_tokens: 1024,
             call_threshold: None,
+            draft_tokens: 6,
         }
     }
 }
@@ -155,12 +162,38 @@ enum Opening {
 
 /// Per-message generation state.
 struct Row {
+    /// The message's input ids (drafts are copied from them).
+    input: Vec<u32>,
     generated: Vec<u32>,
     /// Finished: a stop token, a decided route, or the token budget.
     done: bool,
-    /// Tokens to append at the next step.
+    /// Tokens to append at the next step: the last generated token, then
+    /// any draft tokens.
     next: Vec<u32>,
+    /// How many of `next` are draft tokens still to be checked.
+    drafted: usize,
     next_position: u32,
+}
+
+/// Up to `max` tokens that followed the latest earlier occurrence of the
+/// reply's last 1-3 tokens in `input` (longest match first).
+fn lookup_draft(input: &[u32], generated: &[u32], max: usize) -> Vec<u32> {
+    if max == 0 {
+        return Vec::new();
+    }
+    for n in (1..=3.min(generated.len())).rev() {
+        let tail = &generated[generated.len() - n..];
+        let found = input
+            .windows(n)
+            .enumerate()
+            .rev()
+            .find(|(at, w)| *w == tail && at + n < input.len());
+        if let Some((at, _)) = found {
+            let from = at + n;
+            return input[from..(from + max).min(input.len())].to_vec();
+        }
+    }
+    Vec::new()
 }
 
 impl Router {
@@ -403,9 +436,11 @@ impl Router {
         let mut rows: Vec<Row> = inputs
             .into_iter()
             .map(|ids| Row {
+                next: ids.clone(),
+                input: ids,
                 generated: Vec::new(),
                 done: false,
-                next: ids,
+                drafted: 0,
                 next_position: prefix_len as u32,
             })
             .collect();
@@ -418,46 +453,76 @@ impl Router {
         let mut first_step = true;
         let mut call_probability = vec![0f32; n];
         while !active.is_empty() {
-            let logits = self.step(&mut rows, &active, &mut cache, first_step)?;
-            let next = if first_step {
+            let (logits, spans) = self.step(&mut rows, &active, &mut cache, first_step)?;
+            // Per active row: the model's next token after each fed column
+            // that is checked (the last column, or the last real token and
+            // every draft token).
+            let predicted: Vec<Vec<u32>> = if first_step {
                 let (tokens, p_call) = self.first_tokens(&logits, opening)?;
                 for (k, &i) in active.iter().enumerate() {
                     call_probability[i] = p_call[k];
                 }
-                tokens
+                tokens.into_iter().map(|t| vec![t]).collect()
             } else {
-                logits.argmax(1)?.to_vec1::<u32>()?
+                let all = logits.argmax(1)?.to_vec1::<u32>()?;
+                spans.iter().map(|r| all[r.clone()].to_vec()).collect()
             };
             first_step = false;
             for (k, &i) in active.iter().enumerate() {
                 let row = &mut rows[i];
+                // Greedy check: draft token j stands when the model, fed
+                // everything before it, predicts it.
+                let draft = &row.next[row.next.len() - row.drafted..];
+                let pred = &predicted[k];
+                let accepted = draft.iter().zip(pred).take_while(|(d, p)| d == p).count();
+                let mut tokens = draft[..accepted].to_vec();
+                tokens.push(pred[accepted.min(pred.len() - 1)]);
+                // Columns of rejected draft tokens stay in the cache, masked.
+                let rejected = row.drafted - accepted;
+                if rejected > 0 {
+                    cache.forget_last(k, rejected);
+                    row.next_position -= rejected as u32;
+                }
                 row.next.clear();
-                let tok = next[k];
-                if stops.contains(&tok) {
-                    row.done = true;
-                    continue;
+                row.drafted = 0;
+                let mut pending = Vec::new();
+                for tok in tokens {
+                    if stops.contains(&tok) {
+                        row.done = true;
+                        break;
+                    }
+                    row.generated.push(tok);
+                    pending = vec![tok];
+                    if self.config.force_call_prefix
+                        && row.generated.len() == 1
+                        && self.call_prefix_ids.len() > 1
+                        && self.call_prefix_ids[0] == tok
+                    {
+                        let rest = &self.call_prefix_ids[1..];
+                        row.generated.extend_from_slice(rest);
+                        pending.extend_from_slice(rest);
+                    }
+                    texts_out[i] = tokenizer.decode(&row.generated)?;
+                    let decided = match progress(&texts_out[i]) {
+                        Progress::Call(_) => true,
+                        Progress::Chat => self.config.stop_at_chat,
+                        Progress::Pending => false,
+                    };
+                    if decided || row.generated.len() >= self.config.max_new_tokens {
+                        row.done = true;
+                        break;
+                    }
                 }
-                row.generated.push(tok);
-                let mut pending = vec![tok];
-                if self.config.force_call_prefix
-                    && row.generated.len() == 1
-                    && self.call_prefix_ids.len() > 1
-                    && self.call_prefix_ids[0] == tok
-                {
-                    let rest = &self.call_prefix_ids[1..];
-                    row.generated.extend_from_slice(rest);
-                    pending.extend_from_slice(rest);
-                }
-                texts_out[i] = tokenizer.decode(&row.generated)?;
-                let decided = match progress(&texts_out[i]) {
-                    Progress::Call(_) => true,
-                    Progress::Chat => self.config.stop_at_chat,
-                    Progress::Pending => false,
-                };
-                if decided || row.generated.len() >= self.config.max_new_tokens {
-                    row.done = true;
-                } else {
+                if !row.done {
+                    let room = self.config.max_new_tokens - row.generated.len();
+                    let draft = lookup_draft(
+                        &row.input,
+                        &row.generated,
+                        self.config.draft_tokens.min(room.saturating_sub(1)),
+                    );
+                    row.drafted = draft.len();
                     row.next = pending;
+                    row.next.extend(draft);
                 }
             }
             let keep: Vec<usize> = (0..active.len())
@@ -489,16 +554,17 @@ impl Router {
     }
 
     /// Appends the pending tokens of the `active` rows (ragged: short rows
-    /// padded) and returns the logits after each one's last real token
-    /// `[active, vocab]`. The first step left-pads so that all prompts end
-    /// in the last column.
+    /// padded) and returns logits `[N, vocab]` with each row's range of
+    /// them. The first step left-pads so that all prompts end in the last
+    /// column and scores only that column; later steps score the last real
+    /// token and every draft token after it.
     fn step(
         &self,
         rows: &mut [Row],
         active: &[usize],
         cache: &mut Cache,
-        left_pad: bool,
-    ) -> Result<Tensor> {
+        first: bool,
+    ) -> Result<(Tensor, Vec<std::ops::Range<usize>>)> {
         let dec = &self.base.decoder;
         let width = active
             .iter()
@@ -508,33 +574,58 @@ impl Router {
             .max(1);
         let mut tokens = Vec::with_capacity(active.len() * width);
         let mut positions = Vec::with_capacity(active.len());
-        let mut last = Vec::with_capacity(active.len());
-        for &i in active {
+        let mut scored = Vec::with_capacity(active.len());
+        let mut spans = Vec::with_capacity(active.len());
+        for (k, &i) in active.iter().enumerate() {
             let row = &mut rows[i];
             let pad = width - row.next.len();
             let mut cols: Vec<Option<u32>> = Vec::with_capacity(width);
             let real: Vec<Option<u32>> = (0..row.next.len() as u32)
                 .map(|i| Some(row.next_position + i))
                 .collect();
-            if left_pad {
+            let start = scored.len();
+            if first {
                 tokens.extend(std::iter::repeat_n(0u32, pad));
                 tokens.extend_from_slice(&row.next);
                 cols.extend(std::iter::repeat_n(None, pad));
                 cols.extend(real);
-                last.push(width - 1);
+                scored.push((k * width + width - 1) as u32);
             } else {
                 tokens.extend_from_slice(&row.next);
                 tokens.extend(std::iter::repeat_n(0u32, pad));
                 cols.extend(real);
                 cols.extend(std::iter::repeat_n(None, pad));
-                last.push(row.next.len().max(1) - 1);
+                let last_real = row.next.len().max(1) - 1;
+                let from = last_real - row.drafted.min(last_real);
+                scored.extend((from..=last_real).map(|c| (k * width + c) as u32));
             }
+            spans.push(start..scored.len());
             row.next_position += row.next.len() as u32;
             positions.push(cols);
         }
         let t = Tensor::from_vec(tokens, (active.len(), width), &dec.device)?;
         let batch = Batch { rows: positions };
         let hidden = dec.forward_hidden(&t, &batch, Some(cache), Mode::Infer)?;
-        Ok(dec.logits_at(&hidden, &last)?)
+        let (b, w, h) = hidden.dims3()?;
+        let idx = Tensor::from_vec(scored.clone(), scored.len(), &dec.device)?;
+        let picked = hidden.reshape((b * w, h))?.index_select(&idx, 0)?;
+        Ok((dec.logits(&picked)?, spans))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lookup_draft;
+
+    #[test]
+    fn drafts_continue_the_latest_longest_match_in_the_message() {
+        let input = [1, 2, 3, 4, 2, 3, 9, 8];
+        // "2 3" occurs twice: the latest occurrence is continued.
+        assert_eq!(lookup_draft(&input, &[7, 2, 3], 4), vec![9, 8]);
+        // Longer matches win over shorter ones.
+        assert_eq!(lookup_draft(&input, &[1, 2], 2), vec![3, 4]);
+        assert_eq!(lookup_draft(&input, &[5], 4), Vec::<u32>::new());
+        assert_eq!(lookup_draft(&input, &[8], 4), Vec::<u32>::new());
+        assert_eq!(lookup_draft(&input, &[1], 0), Vec::<u32>::new());
     }
 }

@@ -275,3 +275,40 @@ fn shipped_adapter_matches_python_peft() {
     println!("max |logit difference| vs PEFT: {worst:.5}");
     assert!(worst < 2e-2, "max logit difference {worst}");
 }
+
+/// Prompt-lookup drafts change how many steps an image prompt takes, never
+/// what the router writes: the same routes, prompts and outputs as one token
+/// per step, with the shipped adapter on messages whose prompts copy the
+/// user's words, and in a batch where rows accept different numbers of drafts.
+#[test]
+fn prompt_lookup_drafts_write_what_one_token_per_step_writes() {
+    let mut base = model::load(MODEL, &Device::Cpu).unwrap();
+    let adapter = router::lora::Adapter::load(std::path::Path::new(
+        "model/adapters/gemma3-270m-nat-mlp-r16e3",
+    ))
+    .unwrap();
+    adapter.apply(&mut base.decoder, true).unwrap();
+    let mut router = Router::new(base, RouterConfig::default()).unwrap();
+    let texts = [
+        "draw a red fox sleeping under a maple tree in watercolor",
+        "幫我畫一隻在月光下彈吉他的狐狸",
+        "can you make a picture of a tiny robot watering plants on a balcony, pixel art",
+        "hi everyone",
+    ];
+    router.config.draft_tokens = 0;
+    let plain = router.route_batch(&texts).unwrap();
+    router.config.draft_tokens = 6;
+    let drafted = router.route_batch(&texts).unwrap();
+    assert_eq!(plain, drafted);
+    assert!(
+        plain.iter().filter(|d| d.prompt.is_some()).count() >= 2,
+        "{plain:?}"
+    );
+    for t in texts {
+        assert_eq!(
+            router.route(t).unwrap(),
+            plain[texts.iter().position(|x| *x == t).unwrap()],
+            "{t}"
+        );
+    }
+}
