@@ -15,6 +15,7 @@ use router::dataset::{read_merged, Example};
 use router::lora::{self, Adapter, LoraConfig};
 use router::model::{Batch, Decoder, Dropout, Mode};
 use router::prompt::PromptFormat;
+use router::prompt::{parse_reply, Reply};
 use router::rng::SplitMix64;
 use router::router::{Router, RouterConfig};
 use serde::{Deserialize, Serialize};
@@ -89,6 +90,11 @@ pub struct FitArgs {
     /// Longer examples are cut to this many tokens.
     #[arg(long, default_value_t = 1536)]
     pub max_len: usize,
+    /// Learn only the first N tokens of chat answers (0: all of them). The
+    /// router needs only the start of a chat answer, the chat backend writes
+    /// the rest; the free text after it is mostly memorised.
+    #[arg(long, default_value_t = 0)]
+    pub chat_answer_tokens: usize,
     /// Share of the data trained on; the rest gives the validation loss.
     #[arg(long, default_value_t = 0.9)]
     pub train_fraction: f64,
@@ -152,6 +158,12 @@ struct LogLine {
     grad_norm: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     tokens_per_s: Option<f64>,
+    /// Tokens of this step's rows and the step's wall time (benchmarks read
+    /// a steady rate from these).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step_tokens: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    step_s: Option<f64>,
     elapsed_s: f64,
 }
 
@@ -219,13 +231,22 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     idx
 }
 
-fn tokenize(format: &PromptFormat, rows: &[Example], max_len: usize) -> Result<Vec<Tokenized>> {
+fn tokenize(
+    format: &PromptFormat,
+    rows: &[Example],
+    max_len: usize,
+    chat_answer_tokens: usize,
+) -> Result<Vec<Tokenized>> {
     let mut out = Vec::with_capacity(rows.len());
     for r in rows {
         let ex = format
             .example(&r.user, &r.assistant)
             .with_context(|| format!("tokenizing {}:{}", r.source.display(), r.line))?;
         let (mut ids, mut labels) = (ex.ids, ex.labels);
+        let is_chat = matches!(parse_reply(&r.assistant), Reply::Chat(_));
+        if is_chat && chat_answer_tokens > 0 {
+            keep_first_labels(&mut labels, chat_answer_tokens);
+        }
         ids.truncate(max_len);
         labels.truncate(max_len);
         if labels.iter().skip(1).any(|l| *l) {
@@ -239,6 +260,17 @@ fn tokenize(format: &PromptFormat, rows: &[Example], max_len: usize) -> Result<V
         }
     }
     Ok(out)
+}
+
+/// Keeps the first `n` labelled positions, unlabelling the rest.
+fn keep_first_labels(labels: &mut [bool], n: usize) {
+    let mut seen = 0;
+    for l in labels.iter_mut().filter(|l| **l) {
+        seen += 1;
+        if seen > n {
+            *l = false;
+        }
+    }
 }
 
 /// Sum of the answer tokens' negative log-likelihood, divided by `norm`,
@@ -493,8 +525,9 @@ fn load_model(
 ) -> Result<(Router, Sets)> {
     let router = model.load_router_bare(RouterConfig::default())?;
     let format = router.base().format.clone();
-    let train = tokenize(&format, &data.train, args.max_len)?;
-    let val = tokenize(&format, &data.val, args.max_len)?;
+    let (max_len, chat) = (args.max_len, args.chat_answer_tokens);
+    let train = tokenize(&format, &data.train, max_len, chat)?;
+    let val = tokenize(&format, &data.val, max_len, chat)?;
     println!(
         "train {} rows, validation {} rows, test {} rows; device {}",
         train.len(),
@@ -643,6 +676,8 @@ fn train_loop(
             .iter()
             .map(|t| t.labels.iter().skip(1).filter(|l| **l).count())
             .sum();
+        let step_tokens: usize = picked.iter().map(|t| t.ids.len()).sum();
+        let step_started = Instant::now();
         // This step's dropout masks: reproducible from the seed and the step.
         let dropout = Dropout::new(
             &device,
@@ -684,6 +719,8 @@ fn train_loop(
             lr: Some(lr),
             grad_norm: Some(grad_norm),
             tokens_per_s: Some(tps),
+            step_tokens: Some(step_tokens),
+            step_s: Some(step_started.elapsed().as_secs_f64()),
             elapsed_s: ctx.started.elapsed().as_secs_f64(),
         };
         let last = step + 1 == total;
@@ -881,6 +918,16 @@ mod tests {
         let mut s = a.clone();
         s.sort();
         assert_eq!(s, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn keep_first_labels_unlabels_the_rest_of_the_answer() {
+        let mut labels = vec![false, false, true, true, true, true, false];
+        keep_first_labels(&mut labels, 2);
+        assert_eq!(labels, [false, false, true, true, false, false, false]);
+        let mut all = vec![false, true, true];
+        keep_first_labels(&mut all, 5);
+        assert_eq!(all, [false, true, true]);
     }
 
     #[test]
