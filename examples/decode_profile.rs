@@ -100,8 +100,32 @@ fn ids(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
+/// `--default-pool`: puts the CUDA pool's release threshold back to the
+/// driver's default (0) for a before/after comparison of `device::select`.
+#[cfg(feature = "cuda")]
+fn default_pool(device: &Device) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    if let (Device::Cuda(d), true) = (device, std::env::args().any(|a| a == "--default-pool")) {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut zero = 0u64;
+        // SAFETY: driver calls on the device's default pool with live locals.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, d.cuda_stream().context().cu_device());
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut zero as *mut u64).cast(),
+            );
+        }
+        println!("(CUDA memory pool release threshold back at the default, 0)");
+    }
+}
+#[cfg(not(feature = "cuda"))]
+fn default_pool(_: &Device) {}
+
 fn main() -> anyhow::Result<()> {
     let device = router::device::select(arg("--device").as_deref())?;
+    default_pool(&device);
     let (dec, source): (Decoder, String) = match arg("--shape") {
         Some(shape) => {
             let cfg = gemma3_shape(&shape)?;
@@ -128,8 +152,8 @@ fn main() -> anyhow::Result<()> {
         router::device::describe(&device),
         dec.dtype
     );
-    println!("| batch | prefix prefill ms | message prefill ms | prefill tok/s | decode step ms | head ms | first-token softmax+read ms |");
-    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    println!("| batch | prefix prefill ms | message prefill ms | prefill tok/s | decode step ms | head ms | first-token probability+argmax read ms | message decided, read back each time ms |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let batches: Vec<usize> = arg("--batches")
         .unwrap_or_else(|| {
             if device.is_cuda() {
@@ -166,6 +190,16 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         })?;
         let hidden = hidden.expect("ran at least once");
+        // As the router runs a message: prefill, then read the first token
+        // back (a synchronisation after every message).
+        let last_col = vec![user_len - 1; b];
+        let routed_ms = timed(&device, reps, || {
+            let mut c = prefix.repeat(b)?;
+            let h = dec.forward_hidden(&user, &user_batch, Some(&mut c), Mode::Infer)?;
+            let l = dec.logits_at(&h, &last_col)?;
+            router::router::token_probabilities(&l, 300)?;
+            Ok(())
+        })?;
         let last = vec![user_len - 1; b];
         let head_ms = timed(&device, reps, || {
             dec.logits_at(&hidden, &last)?;
@@ -173,8 +207,7 @@ fn main() -> anyhow::Result<()> {
         })?;
         let logits = dec.logits_at(&hidden, &last)?;
         let read_ms = timed(&device, reps, || {
-            let p = candle_nn::ops::softmax_last_dim(&logits)?;
-            p.narrow(1, 0, 1)?.squeeze(1)?.to_vec1::<f32>()?;
+            router::router::token_probabilities(&logits, 300)?;
             logits.argmax(1)?.to_vec1::<u32>()?;
             Ok(())
         })?;
@@ -190,7 +223,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         })?;
         println!(
-            "| {b} | {prefix_ms:.2} | {user_ms:.2} | {:.0} | {decode_ms:.2} | {head_ms:.2} | {read_ms:.2} |",
+            "| {b} | {prefix_ms:.2} | {user_ms:.2} | {:.0} | {decode_ms:.2} | {head_ms:.2} | {read_ms:.2} | {routed_ms:.2} |",
             (b * user_len) as f64 / (user_ms / 1e3)
         );
     }

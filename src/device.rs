@@ -53,8 +53,34 @@ fn untracked(device: Device) -> Device {
         // SAFETY: all work on this device is queued on its single stream;
         // nothing crosses streams, which is what the events guard against.
         unsafe { d.disable_event_tracking() };
+        keep_freed_memory(d);
     }
     device
+}
+
+/// Keeps freed device memory in the stream-ordered allocator's pool. Its
+/// default release threshold is 0: every synchronisation (each routing step
+/// reads its tokens back) hands all freed memory to the driver, and the next
+/// step maps it again.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory(d: &candle_core::CudaDevice) {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let dev = d.cuda_stream().context().cu_device();
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: plain driver calls on the device's own default pool, with
+    // pointers to live locals of the types the driver expects.
+    let ok = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, dev) == sys::CUresult::CUDA_SUCCESS
+            && sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut threshold as *mut u64).cast(),
+            ) == sys::CUresult::CUDA_SUCCESS
+    };
+    if !ok {
+        tracing::debug!("could not raise the CUDA memory pool's release threshold");
+    }
 }
 
 /// Short human description (`cpu`, `cuda:0`).

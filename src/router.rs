@@ -148,6 +148,19 @@ impl AdapterMeta {
     }
 }
 
+/// The probability of `token` in each row of `logits` `[N, vocab]`:
+/// `exp(l_token - max) / sum(exp(l - max))`, from whole-row reductions
+/// (a softmax over the vocabulary costs one slow pass per row on CUDA) and
+/// one read back of N values.
+pub fn token_probabilities(logits: &Tensor, token: u32) -> Result<Vec<f32>> {
+    let logits = logits.to_dtype(candle_core::DType::F32)?;
+    let max = logits.max_keepdim(1)?;
+    let sum = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?;
+    let picked = logits.narrow(1, token as usize, 1)?;
+    let p = (picked - max)?.exp()?.div(&sum)?;
+    Ok(p.squeeze(1)?.to_vec1::<f32>()?)
+}
+
 /// Receives each length group (indices into the messages) and its decisions.
 type GroupSink<'a> = dyn FnMut(&[usize], Result<Vec<Decision>>) + 'a;
 
@@ -398,11 +411,7 @@ impl Router {
     /// opening's probability per row.
     fn first_tokens(&self, logits: &Tensor, opening: Opening) -> Result<(Vec<u32>, Vec<f32>)> {
         let call = self.call_prefix_ids[0];
-        let probs = candle_nn::ops::softmax_last_dim(&logits.to_dtype(candle_core::DType::F32)?)?;
-        let p_call = probs
-            .narrow(1, call as usize, 1)?
-            .squeeze(1)?
-            .to_vec1::<f32>()?;
+        let p_call = token_probabilities(logits, call)?;
         let mut tokens = logits.argmax(1)?.to_vec1::<u32>()?;
         for (k, tok) in tokens.iter_mut().enumerate() {
             let want_call = match (opening, self.call_threshold()) {
@@ -414,7 +423,10 @@ impl Router {
                 *tok = call;
             } else if *tok == call {
                 // Below the threshold: the best token that does not open a call.
-                let row = probs.get(k)?.to_vec1::<f32>()?;
+                let row = logits
+                    .get(k)?
+                    .to_dtype(candle_core::DType::F32)?
+                    .to_vec1::<f32>()?;
                 *tok = row
                     .iter()
                     .enumerate()
@@ -445,6 +457,7 @@ impl Router {
             })
             .collect();
         let stops = format.stop_ids.clone();
+        // Shared, not copied: the vocabulary is large.
         let tokenizer = format.tokenizer().clone();
         let mut texts_out = vec![String::new(); n];
         // Rows still generating; finished rows leave the batch (and the

@@ -13,6 +13,7 @@
 //! prompt template inserts control tokens by id.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file;
 use tokenizers::decoders::byte_fallback::ByteFallback;
@@ -37,7 +38,9 @@ mod token_type {
 /// A text tokenizer plus the ids of the control tokens the prompt needs.
 #[derive(Clone)]
 pub struct Tokenizer {
-    inner: tokenizers::Tokenizer,
+    /// Shared: a 262k-piece vocabulary takes ~90 ms to deep-copy, and
+    /// formats and routers clone their tokenizer freely.
+    inner: Arc<tokenizers::Tokenizer>,
     pub bos_id: Option<u32>,
     pub eos_id: Option<u32>,
 }
@@ -60,7 +63,7 @@ impl Tokenizer {
     fn from_inner(mut inner: tokenizers::Tokenizer, bos: Option<u32>, eos: Option<u32>) -> Self {
         inner.set_encode_special_tokens(true);
         Self {
-            inner,
+            inner: Arc::new(inner),
             bos_id: bos,
             eos_id: eos,
         }
