@@ -100,32 +100,15 @@ fn ids(n: usize, salt: usize, vocab: usize) -> Vec<u32> {
         .collect()
 }
 
-/// `--default-pool`: puts the CUDA pool's release threshold back to the
-/// driver's default (0) for a before/after comparison of `device::select`.
-#[cfg(feature = "cuda")]
-fn default_pool(device: &Device) {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    if let (Device::Cuda(d), true) = (device, std::env::args().any(|a| a == "--default-pool")) {
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        let mut zero = 0u64;
-        // SAFETY: driver calls on the device's default pool with live locals.
-        unsafe {
-            sys::cuDeviceGetDefaultMemPool(&mut pool, d.cuda_stream().context().cu_device());
-            sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut zero as *mut u64).cast(),
-            );
-        }
-        println!("(CUDA memory pool release threshold back at the default, 0)");
-    }
-}
-#[cfg(not(feature = "cuda"))]
-fn default_pool(_: &Device) {}
-
 fn main() -> anyhow::Result<()> {
     let device = router::device::select(arg("--device").as_deref())?;
-    default_pool(&device);
+    // `--default-pool`: the driver's default release threshold (0), for a
+    // before/after comparison of what `device::select` sets.
+    if std::env::args().any(|a| a == "--default-pool")
+        && router::device::set_pool_release_threshold(&device, 0)
+    {
+        println!("(CUDA memory pool release threshold back at the default, 0)");
+    }
     let (dec, source): (Decoder, String) = match arg("--shape") {
         Some(shape) => {
             let cfg = gemma3_shape(&shape)?;

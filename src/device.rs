@@ -46,41 +46,46 @@ pub fn select(spec: Option<&str>) -> Result<Device> {
 /// waits on CUDA events around every kernel so that tensors can cross
 /// streams. candle runs everything of a device on that device's one stream,
 /// and this crate creates one device per process, so the events only cost
-/// host time (measured in docs/BENCHMARKS.md).
+/// host time (measured in docs/BENCHMARKS.md). Also keeps freed memory in
+/// the allocator's pool between steps ([`set_pool_release_threshold`]).
 fn untracked(device: Device) -> Device {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = &device {
         // SAFETY: all work on this device is queued on its single stream;
         // nothing crosses streams, which is what the events guard against.
         unsafe { d.disable_event_tracking() };
-        keep_freed_memory(d);
+    }
+    if device.is_cuda() && !set_pool_release_threshold(&device, u64::MAX) {
+        tracing::debug!("could not raise the CUDA memory pool's release threshold");
     }
     device
 }
 
-/// Keeps freed device memory in the stream-ordered allocator's pool. Its
-/// default release threshold is 0: every synchronisation (each routing step
-/// reads its tokens back) hands all freed memory to the driver, and the next
-/// step maps it again.
-#[cfg(feature = "cuda")]
-fn keep_freed_memory(d: &candle_core::CudaDevice) {
-    use candle_core::cuda_backend::cudarc::driver::sys;
-    let dev = d.cuda_stream().context().cu_device();
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-    let mut threshold = u64::MAX;
-    // SAFETY: plain driver calls on the device's own default pool, with
-    // pointers to live locals of the types the driver expects.
-    let ok = unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, dev) == sys::CUresult::CUDA_SUCCESS
-            && sys::cuMemPoolSetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
-                (&mut threshold as *mut u64).cast(),
-            ) == sys::CUresult::CUDA_SUCCESS
-    };
-    if !ok {
-        tracing::debug!("could not raise the CUDA memory pool's release threshold");
+/// Sets how much freed memory the CUDA stream-ordered allocator keeps in its
+/// pool (`u64::MAX`: all of it). The driver's default is 0: every
+/// synchronisation (each routing step reads its tokens back) hands all freed
+/// memory back, and the next step maps it again. Returns whether it was set
+/// (never on CPU).
+pub fn set_pool_release_threshold(device: &Device, bytes: u64) -> bool {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys;
+        let dev = d.cuda_stream().context().cu_device();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut threshold = bytes;
+        // SAFETY: plain driver calls on the device's own default pool, with
+        // pointers to live locals of the types the driver expects.
+        return unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, dev) == sys::CUresult::CUDA_SUCCESS
+                && sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                ) == sys::CUresult::CUDA_SUCCESS
+        };
     }
+    let _ = (device, bytes);
+    false
 }
 
 /// Short human description (`cpu`, `cuda:0`).

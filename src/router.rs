@@ -358,10 +358,10 @@ impl Router {
             .collect()
     }
 
-    /// A message's token ids as the router feeds them: cut to
-    /// `max_input_tokens`, keeping the start of the message and the
-    /// template's turn switch.
-    fn input_ids(&self, text: &str) -> Result<Vec<u32>> {
+    /// A message's token ids as the router feeds them after the system
+    /// prefix: cut to `max_input_tokens`, keeping the start of the message
+    /// and the template's turn switch.
+    pub fn input_ids(&self, text: &str) -> Result<Vec<u32>> {
         let format = &self.base.format;
         let mut ids = format.user_ids(text)?;
         if ids.len() > self.config.max_input_tokens {
@@ -456,9 +456,7 @@ impl Router {
                 next_position: prefix_len as u32,
             })
             .collect();
-        let stops = format.stop_ids.clone();
-        // Shared, not copied: the vocabulary is large.
-        let tokenizer = format.tokenizer().clone();
+        let (stops, tokenizer) = (&format.stop_ids, format.tokenizer());
         let mut texts_out = vec![String::new(); n];
         // Rows still generating; finished rows leave the batch (and the
         // cache), so a batch of mostly chat costs little after one step.

@@ -7,7 +7,7 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use common::{random_decoder, tiny_config, toy_tokenizer, RandomWeights};
+use common::{max_diff, random_decoder, tiny_config, toy_tokenizer, RandomWeights};
 use router::model::{self, dense_batch, Architecture, Decoder, Mode};
 
 fn logits(dec: &Decoder, ids: &[u32]) -> Tensor {
@@ -19,19 +19,6 @@ fn logits(dec: &Decoder, ids: &[u32]) -> Tensor {
         .forward_hidden(&t, &dense_batch(1, 0, ids.len()), None, Mode::Infer)
         .unwrap();
     dec.logits(&h.squeeze(0).unwrap()).unwrap()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]

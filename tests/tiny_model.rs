@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use common::{random_decoder, tiny_config};
+use common::{max_diff, random_decoder, tiny_config};
 use router::lora::{self, Adapter, LoraConfig};
 use router::model::{dense_batch, Architecture, Batch, Cache, Decoder, Dropout, Mode};
 use router::rng::SplitMix64;
@@ -26,19 +26,6 @@ fn ids(n: usize, salt: u32) -> Vec<u32> {
     (0..n as u32)
         .map(|i| (i * 31 + salt * 7 + 5) % 97)
         .collect()
-}
-
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 /// Logits at every position of a single sequence, no cache.

@@ -165,3 +165,17 @@ pub fn random_decoder(cfg: &ModelConfig, seed: u64, device: &Device) -> Decoder 
     )
     .unwrap()
 }
+
+/// Largest absolute element-wise difference of two tensors of one shape.
+pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

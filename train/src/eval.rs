@@ -1124,7 +1124,7 @@ mod tests {
     /// edit check of files written by `train eval --predictions` (one test
     /// file each), without a model.
     #[test]
-    #[ignore]
+    #[ignore = "a tool, not a check: reads the files named in EDIT_CHECK_PREDICTIONS (run as above)"]
     fn edit_check_on_prediction_files() {
         let files = std::env::var("EDIT_CHECK_PREDICTIONS").unwrap_or_default();
         for f in files.split(':').filter(|f| !f.is_empty()) {

@@ -27,7 +27,7 @@ use candle_core::Tensor;
 use clap::Args;
 use router::cli::ModelArgs;
 use router::model::{dense_batch, BaseModel, Cache, Mode};
-use router::prompt::{PromptFormat, CALL_PREFIX};
+use router::prompt::CALL_PREFIX;
 use router::router::{Decision, Route, Router, RouterConfig};
 use serde::Serialize;
 
@@ -196,19 +196,6 @@ fn at_least(messages: &[String], n: usize) -> Vec<String> {
         return messages.to_vec();
     }
     messages.iter().cycle().take(n).cloned().collect()
-}
-
-/// A message's ids after the system prefix, as the router feeds them: cut
-/// to `max_input_tokens` keeping the start and the turn switch (mirrors
-/// `Router`'s own cut).
-fn user_input_ids(format: &PromptFormat, text: &str, max_input_tokens: usize) -> Result<Vec<u32>> {
-    let mut ids = format.user_ids(text)?;
-    if ids.len() > max_input_tokens {
-        let tail = format.user_ids("")?;
-        ids.truncate(max_input_tokens.saturating_sub(tail.len()));
-        ids.extend(tail);
-    }
-    Ok(ids)
 }
 
 /// Whether a decision cut after its first token opened a call.
@@ -428,11 +415,10 @@ pub fn run(model: &ModelArgs, args: BenchArgs) -> Result<()> {
             .map_or("none".into(), |p| p.display().to_string()),
         messages.len()
     );
-    let max_input = router.config.max_input_tokens;
     let user_ids = messages
         .iter()
-        .map(|m| user_input_ids(&router.base().format, m, max_input))
-        .collect::<Result<Vec<_>>>()?;
+        .map(|m| router.input_ids(m))
+        .collect::<router::Result<Vec<_>>>()?;
     // The typical message: median length in tokens.
     let typical = {
         let mut by_len: Vec<(usize, usize)> = user_ids
