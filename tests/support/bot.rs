@@ -85,6 +85,8 @@ pub struct BotProcess {
     pub child: Child,
     stderr: Arc<Mutex<String>>,
     pub stdout: Arc<Mutex<String>>,
+    /// The threads copying stderr and stdout; each ends at its pipe's end of file.
+    pumps: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl BotProcess {
@@ -107,12 +109,15 @@ impl BotProcess {
         let mut child = cmd.spawn().expect("starting the bot binary");
         let stderr = Arc::new(Mutex::new(String::new()));
         let stdout = Arc::new(Mutex::new(String::new()));
-        pump(child.stderr.take().expect("stderr"), stderr.clone());
-        pump(child.stdout.take().expect("stdout"), stdout.clone());
+        let pumps = vec![
+            pump(child.stderr.take().expect("stderr"), stderr.clone()),
+            pump(child.stdout.take().expect("stdout"), stdout.clone()),
+        ];
         Self {
             child,
             stderr,
             stdout,
+            pumps,
         }
     }
 
@@ -139,11 +144,16 @@ impl BotProcess {
         let _ = self.child.wait();
     }
 
-    /// Waits for the process to exit (blocking poll with a deadline).
+    /// Waits for the process to exit (blocking poll with a deadline), then
+    /// for its last output lines: the exit can be seen before the pump
+    /// threads have copied what the process wrote just before it.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("try_wait") {
+                while Instant::now() < deadline && self.pumps.iter().any(|p| !p.is_finished()) {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
                 return status;
             }
             if Instant::now() >= deadline {
@@ -165,7 +175,10 @@ impl Drop for BotProcess {
     }
 }
 
-fn pump(stream: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
+fn pump(
+    stream: impl std::io::Read + Send + 'static,
+    into: Arc<Mutex<String>>,
+) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines() {
             let Ok(line) = line else { break };
@@ -173,7 +186,7 @@ fn pump(stream: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
             s.push_str(&line);
             s.push('\n');
         }
-    });
+    })
 }
 
 /// The non-empty lines of a JSONL file, each parsed; panics on a torn line.
