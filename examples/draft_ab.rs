@@ -1,7 +1,8 @@
 //! Image calls with and without prompt-lookup drafts on this machine: the
 //! default model with the shipped adapter routes the first 10 call rows of
 //! the generator test file at batch 1, for several draft lengths.
-//! `cargo run --release --example draft_ab [-- --device cuda]`
+//! `cargo run --release --example draft_ab [-- --device cuda] [--f32]`
+//! (`--f32`: no Q8_0 copies on the CPU, as `--cpu-weights f32`)
 use std::path::Path;
 use std::time::Instant;
 
@@ -9,6 +10,8 @@ fn main() -> anyhow::Result<()> {
     let spec = std::env::args().skip_while(|a| a != "--device").nth(1);
     let device = router::device::select(spec.as_deref())?;
     let mut base = router::model::load(router::cli::DEFAULT_BASE_MODEL, &device)?;
+    let f32_only = std::env::args().any(|a| a == "--f32");
+    base.decoder.set_cpu_quantized(!f32_only)?;
     router::lora::Adapter::load(Path::new(router::cli::DEFAULT_ADAPTER))?
         .apply(&mut base.decoder, true)?;
     let mut router = router::router::Router::new(base, Default::default())?;

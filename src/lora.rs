@@ -290,7 +290,7 @@ impl Adapter {
             );
         }
         for linear in decoder.linears_mut() {
-            linear.set_lora(pending.remove(linear.name()));
+            linear.set_lora(pending.remove(linear.name()))?;
             if merge {
                 linear.merge()?;
             }
@@ -306,7 +306,7 @@ pub fn init(decoder: &mut Decoder, config: &LoraConfig, seed: u64) -> Result<usi
     let mut count = 0;
     for linear in decoder.linears_mut() {
         if !config.target_modules.matches(linear.name())? {
-            linear.set_lora(None);
+            linear.set_lora(None)?;
             continue;
         }
         let (out, inp) = linear.shape();
@@ -327,7 +327,7 @@ pub fn init(decoder: &mut Decoder, config: &LoraConfig, seed: u64) -> Result<usi
             config.scaling(linear.name(), r),
             config.lora_dropout,
         );
-        linear.set_lora(Some(lora));
+        linear.set_lora(Some(lora))?;
         count += 1;
     }
     if count == 0 {

@@ -83,6 +83,10 @@ pub struct RouterConfig {
     /// exactly what one token per step writes; image prompts mostly copy
     /// the user's words, so most drafts are accepted.
     pub draft_tokens: usize,
+    /// Messages longer than twice this many tokens are read this many
+    /// tokens at a time ([`Router::begin_long`]), so that the engine can
+    /// decide the short messages that arrive meanwhile between two chunks.
+    pub prefill_chunk: usize,
 }
 
 impl Default for RouterConfig {
@@ -95,6 +99,7 @@ impl Default for RouterConfig {
             max_input_tokens: 1024,
             call_threshold: None,
             draft_tokens: 6,
+            prefill_chunk: 128,
         }
     }
 }
@@ -188,6 +193,30 @@ struct Row {
     next_position: u32,
 }
 
+/// A long message being read in chunks: its ids and the keys/values read
+/// so far ([`Router::begin_long`], [`Router::advance`],
+/// [`Router::finish_long`]). Other messages may be routed between two
+/// chunks, but not an adapter swap: the cache belongs to the adapter that
+/// began it.
+pub struct LongPrefill {
+    ids: Vec<u32>,
+    /// Ids already in `cache`.
+    read: usize,
+    prefix_len: usize,
+    cache: Cache,
+}
+
+impl LongPrefill {
+    /// The message's input tokens.
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+}
+
 /// Up to `max` tokens that followed the latest earlier occurrence of the
 /// reply's last 1-3 tokens in `input` (longest match first).
 fn lookup_draft(input: &[u32], generated: &[u32], max: usize) -> Vec<u32> {
@@ -259,7 +288,7 @@ impl Router {
                 self.adapter_threshold = meta.call_threshold;
             }
             None => {
-                self.base.decoder.clear_adapter();
+                self.base.decoder.clear_adapter()?;
                 self.adapter = None;
                 self.adapter_threshold = None;
             }
@@ -358,6 +387,56 @@ impl Router {
             .collect()
     }
 
+    /// Whether a message of `input_tokens` ids (see [`Router::input_ids`])
+    /// is long enough to be read in chunks.
+    pub fn is_long(&self, input_tokens: usize) -> bool {
+        input_tokens > 2 * self.config.prefill_chunk.max(1)
+    }
+
+    /// Starts reading a message in chunks; nothing is computed yet.
+    pub fn begin_long(&mut self, text: &str) -> Result<LongPrefill> {
+        let ids = self.input_ids(text)?;
+        let (prefix_len, cache) = self.prefix_cache()?;
+        Ok(LongPrefill {
+            ids,
+            read: 0,
+            prefix_len,
+            cache,
+        })
+    }
+
+    /// Reads the next `config.prefill_chunk` tokens of `long`, keeping its
+    /// last chunk for [`Router::finish_long`]. Returns whether only that
+    /// last chunk is left.
+    pub fn advance(&mut self, long: &mut LongPrefill) -> Result<bool> {
+        let chunk = self.config.prefill_chunk.max(1);
+        if long.ids.len() - long.read <= chunk {
+            return Ok(true);
+        }
+        let dec = &self.base.decoder;
+        let part = Tensor::new(&long.ids[long.read..long.read + chunk], &dec.device)?.unsqueeze(0)?;
+        let start = (long.prefix_len + long.read) as u32;
+        let batch = dense_batch(1, start, chunk);
+        dec.forward_hidden(&part, &batch, Some(&mut long.cache), Mode::Infer)?;
+        long.read += chunk;
+        Ok(long.ids.len() - long.read <= chunk)
+    }
+
+    /// Reads what is left of `long` and decides it, exactly as
+    /// [`Router::route`] would (up to the arithmetic of other shapes).
+    pub fn finish_long(&mut self, long: LongPrefill) -> Result<Decision> {
+        let row = Row {
+            next: long.ids[long.read..].to_vec(),
+            next_position: (long.prefix_len + long.read) as u32,
+            input: long.ids,
+            generated: Vec::new(),
+            done: false,
+            drafted: 0,
+        };
+        let mut decided = self.decide_rows(vec![row], long.cache, Opening::Free)?;
+        decided.pop().ok_or(Error::Engine("a message was left undecided".into()))
+    }
+
     /// A message's token ids as the router feeds them after the system
     /// prefix: cut to `max_input_tokens`, keeping the start of the message
     /// and the template's turn switch.
@@ -442,10 +521,8 @@ impl Router {
     /// Decides one batch, given each message's input ids.
     fn route_chunk(&mut self, inputs: Vec<Vec<u32>>, opening: Opening) -> Result<Vec<Decision>> {
         let (prefix_len, prefix) = self.prefix_cache()?;
-        let n = inputs.len();
-        let mut cache = prefix.repeat(n)?;
-        let format = &self.base.format;
-        let mut rows: Vec<Row> = inputs
+        let cache = prefix.repeat(inputs.len())?;
+        let rows: Vec<Row> = inputs
             .into_iter()
             .map(|ids| Row {
                 next: ids.clone(),
@@ -456,6 +533,19 @@ impl Router {
                 next_position: prefix_len as u32,
             })
             .collect();
+        self.decide_rows(rows, cache, opening)
+    }
+
+    /// Generates until every row is decided: `rows[i].next` are the
+    /// message tokens still to read after what `cache` (one row each) holds.
+    fn decide_rows(
+        &mut self,
+        mut rows: Vec<Row>,
+        mut cache: Cache,
+        opening: Opening,
+    ) -> Result<Vec<Decision>> {
+        let n = rows.len();
+        let format = &self.base.format;
         let (stops, tokenizer) = (&format.stop_ids, format.tokenizer());
         let mut texts_out = vec![String::new(); n];
         // Rows still generating; finished rows leave the batch (and the

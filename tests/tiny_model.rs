@@ -405,3 +405,94 @@ fn dropping_rows_from_a_cache_keeps_the_others_exact() {
         );
     }
 }
+
+/// Logits of `seq[start..]` decoded one token per step after a cached prefill
+/// of `seq[..start]`.
+fn stepwise_logits(dec: &Decoder, seq: &[u32], start: usize) -> Vec<Tensor> {
+    let mut cache = Cache::default();
+    let head = Tensor::new(&seq[..start], &Device::Cpu)
+        .unwrap()
+        .unsqueeze(0)
+        .unwrap();
+    dec.forward_hidden(
+        &head,
+        &dense_batch(1, 0, start),
+        Some(&mut cache),
+        Mode::Infer,
+    )
+    .unwrap();
+    (start..seq.len())
+        .map(|i| {
+            let t = Tensor::new(&[[seq[i]]], &Device::Cpu).unwrap();
+            let b = Batch {
+                rows: vec![vec![Some(i as u32)]],
+            };
+            let h = dec
+                .forward_hidden(&t, &b, Some(&mut cache), Mode::Infer)
+                .unwrap();
+            dec.logits_at(&h, &[0]).unwrap().squeeze(0).unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn cpu_q8_copies_stay_close_to_f32_and_follow_the_adapter() {
+    let seq = ids(12, 4);
+    // Largest difference of single-token steps from an f32 decoder's full
+    // recomputation, relative to the largest logit.
+    let rel_diff = |quantized: &Decoder, reference: &Decoder| -> f32 {
+        let full = full_logits(reference, &seq, Mode::Infer);
+        let scale = full
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        stepwise_logits(quantized, &seq, 6)
+            .iter()
+            .enumerate()
+            .map(|(k, step)| max_diff(step, &full.get(6 + k).unwrap()) / scale)
+            .fold(0.0, f32::max)
+    };
+    for arch in ARCHS {
+        let mut dec = adapted(arch, &qkvo());
+        let unmerged = dec.clone();
+        dec.set_cpu_quantized(true).unwrap();
+        // 32 input features are whole Q8_0 blocks; the MLP's 48 are not and
+        // stay f32.
+        let names = |d: &Decoder| -> Vec<String> {
+            d.linears()
+                .filter(|l| l.is_quantized())
+                .map(|l| l.name().rsplit('.').next().unwrap().to_string())
+                .collect()
+        };
+        let quantized = names(&dec);
+        assert!(quantized.contains(&"q_proj".to_string()), "{quantized:?}");
+        assert!(
+            !quantized.contains(&"down_proj".to_string()),
+            "{quantized:?}"
+        );
+
+        let d = rel_diff(&dec, &unmerged);
+        assert!(d > 1e-6 && d < 0.03, "{arch:?}: unmerged adapter, {d}");
+
+        // Merging re-makes the copies from the merged weights.
+        let mut merged = unmerged.clone();
+        for l in dec.linears_mut().chain(merged.linears_mut()) {
+            l.merge().unwrap();
+        }
+        let d = rel_diff(&dec, &merged);
+        assert!(d > 1e-6 && d < 0.03, "{arch:?}: merged adapter, {d}");
+
+        // Without the adapter the copies hold the base weights again.
+        dec.clear_adapter().unwrap();
+        let d = rel_diff(&dec, &tiny(arch));
+        assert!(d > 1e-6 && d < 0.03, "{arch:?}: bare base, {d}");
+
+        // Off: exactly the f32 path.
+        dec.set_cpu_quantized(false).unwrap();
+        assert!(names(&dec).is_empty());
+        assert!(rel_diff(&dec, &tiny(arch)) < 1e-5, "{arch:?}");
+    }
+}
