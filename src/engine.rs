@@ -4,7 +4,9 @@
 //! Requests are served in arrival order. Consecutive routing requests that
 //! are waiting are decided together in one batch; an adapter swap waits its
 //! turn in the same queue, so every message is decided by the adapter that
-//! was live when it arrived. Adapters are read and checked off the routing
+//! was live when it arrived. The one exception to the order: a long message
+//! is read in chunks, and short messages arriving meanwhile are decided
+//! between two of them. Adapters are read and checked off the routing
 //! thread (`spawn_blocking`); the routing thread only merges the loaded
 //! weights, which takes milliseconds.
 
@@ -144,7 +146,14 @@ fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathB
                             None => break,
                         }
                     }
-                    route_batch(&mut router, batch);
+                    // Long messages are read in chunks, and the short ones
+                    // that arrive meanwhile are decided between two chunks.
+                    let (long, short): (Vec<_>, Vec<_>) =
+                        batch.into_iter().partition(|(text, _)| is_long(&router, text));
+                    route_batch(&mut router, short);
+                    for (text, reply) in long {
+                        route_long(&mut router, text, reply, &rx, &mut queue);
+                    }
                 }
                 Request::ExtractPrompt { text, reply } => {
                     let prompt = router
@@ -203,6 +212,57 @@ fn route_batch(router: &mut Router, batch: Vec<(String, oneshot::Sender<Result<R
     if let Err(e) = planned {
         fail(replies.into_iter().flatten(), &e);
     }
+}
+
+fn is_long(router: &Router, text: &str) -> bool {
+    router
+        .input_ids(text)
+        .is_ok_and(|ids| router.is_long(ids.len()))
+}
+
+/// Decides a long message chunk by chunk. Between two chunks, the routing
+/// requests at the head of the queue whose messages are short are decided
+/// at once, so a pasted wall of text never holds up the chat around it by
+/// more than one chunk. Anything else (another long message, a prompt
+/// request, an adapter swap) waits for it, in order.
+fn route_long(
+    router: &mut Router,
+    text: String,
+    reply: oneshot::Sender<Result<Routed>>,
+    rx: &Receiver<Request>,
+    queue: &mut VecDeque<Request>,
+) {
+    let started = Instant::now();
+    let adapter = router.adapter().cloned();
+    let decided = (|| {
+        let mut long = router.begin_long(&text)?;
+        while !router.advance(&mut long)? {
+            queue.extend(rx.try_iter());
+            let mut short = Vec::new();
+            while let Some(Request::Route { text, .. }) = queue.front() {
+                if is_long(router, text) || short.len() >= router.config.max_batch.max(1) {
+                    break;
+                }
+                if let Some(Request::Route { text, reply }) = queue.pop_front() {
+                    short.push((text, reply));
+                }
+            }
+            if !short.is_empty() {
+                tracing::debug!(
+                    waiting = short.len(),
+                    long_tokens = long.len(),
+                    "short messages decided between two chunks of a long one"
+                );
+                route_batch(router, short);
+            }
+        }
+        router.finish_long(long)
+    })();
+    let _ = reply.send(decided.map(|decision| Routed {
+        decision,
+        batch_ms: started.elapsed().as_secs_f64() * 1e3,
+        adapter,
+    }));
 }
 
 fn fail(replies: impl Iterator<Item = oneshot::Sender<Result<Routed>>>, e: &Error) {

@@ -192,3 +192,58 @@ async fn a_long_message_never_holds_up_the_short_ones_that_arrived_with_it() {
     // The long message (index 0) is answered after every short one.
     assert_eq!(order.last(), Some(&0), "{order:?}");
 }
+
+#[test]
+fn a_long_message_read_in_chunks_is_decided_as_in_one_pass() {
+    let text = "please draw a cat with a hat on a boat ".repeat(40);
+    let mut r = router();
+    let want = r.route(&text).unwrap();
+    for chunk in [4, 16, 50] {
+        r.config.prefill_chunk = chunk;
+        let mut long = r.begin_long(&text).unwrap();
+        assert!(r.is_long(long.len()), "{} tokens", long.len());
+        let mut chunks = 0;
+        while !r.advance(&mut long).unwrap() {
+            chunks += 1;
+        }
+        assert!(chunks >= long.len() / chunk - 2, "{chunks} chunks of {chunk}");
+        assert_eq!(r.finish_long(long).unwrap(), want, "chunks of {chunk}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_messages_arriving_during_a_long_prefill_are_answered_before_it() {
+    let mut r = router();
+    // Hundreds of small chunks: the long message takes a while to read even
+    // with the tiny model; "hi N" stays short.
+    r.config.prefill_chunk = 8;
+    r.config.max_input_tokens = 2048;
+    let engine = Engine::spawn(r).unwrap();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+    let send = |i: usize, text: String| {
+        let e = engine.clone();
+        let done = done_tx.clone();
+        tokio::spawn(async move {
+            let routed = e.route(text).await.unwrap();
+            done.send(i).unwrap();
+            routed
+        })
+    };
+    let long = send(0, "draw a long story about a cat ".repeat(100));
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let shorts: Vec<_> = (1..4).map(|i| send(i, format!("hi {i}"))).collect();
+    let mut direct = router();
+    assert!(direct.input_ids("hi 1").unwrap().len() <= 2 * 8);
+    for (i, h) in shorts.into_iter().enumerate() {
+        let routed = h.await.unwrap();
+        assert_eq!(routed.decision, direct.route(&format!("hi {}", i + 1)).unwrap());
+    }
+    assert!(long.await.unwrap().batch_ms > 0.0);
+    drop(done_tx);
+    let mut order = Vec::new();
+    while let Some(i) = done_rx.recv().await {
+        order.push(i);
+    }
+    // The shorts arrived after the long one had started and were answered first.
+    assert_eq!(order.last(), Some(&0), "{order:?}");
+}
