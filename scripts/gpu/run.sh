@@ -7,7 +7,8 @@
 # STEPS (space-separated, default "bench train final"): which parts to run;
 # "eval" evaluates each of EVAL_ADAPTERS (default: model/current) on both
 # test files (`train eval`).
-# TRAIN_RUNS: "name:--flag=value,--flag=value ..." runs; BEST: the adapter
+# TRAIN_RUNS: "name:--flag=value,--flag=value ..." runs (PARALLEL=1: all at
+# once; TRAIN_TIMEOUT: seconds each, default 420); BEST: the adapter
 # the final benchmark uses; CPU_BENCH=0 skips the host-CPU benchmark.
 set -euo pipefail
 export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
@@ -57,14 +58,26 @@ if [[ " $STEPS " == *" bench "* ]]; then
   stamp "bench: bare base model, cuda"
   bot --no-adapter --device cuda bench --limit 300 --batch-sizes 1,8,32 --compare-cpu 64 --out "$OUT/bench_base_cuda.json" 2>&1 | tee "$OUT/bench_base.txt"
 fi
+train_one() {
+  local name=$1 flags=$2
+  stamp "train $name ($flags)"
+  timeout "${TRAIN_TIMEOUT:-420}" train --device cuda --no-adapter --out-dir "$ADAPTERS" --name "gemma3-270m-$name" \
+    --current "$ADAPTERS/current-$name" --no-promote --save-every 0 ${flags//,/ } > "$OUT/train_$name.txt" 2>&1 \
+    && stamp "train $name done" || stamp "train $name failed"
+}
 if [[ " $STEPS " == *" train "* ]]; then
+  # PARALLEL=1: all runs at once on the one GPU (each takes longer, all
+  # together less time than one after another).
   for spec in ${TRAIN_RUNS:-"r32:--lora-r=32"}; do
-    name=${spec%%:*}; flags=${spec#*:}
-    stamp "train $name ($flags)"
-    timeout "${TRAIN_TIMEOUT:-420}" train --device cuda --no-adapter --out-dir "$ADAPTERS" --name "gemma3-270m-$name" \
-      --current "$ADAPTERS/current" --no-promote --save-every 0 ${flags//,/ } 2>&1 | tee "$OUT/train_$name.txt" || stamp "train $name failed"
+    if [[ ${PARALLEL:-0} == 1 ]]; then
+      train_one "${spec%%:*}" "${spec#*:}" &
+    else
+      train_one "${spec%%:*}" "${spec#*:}"
+    fi
   done
-  tar -C "$ADAPTERS" -czf "$OUT/adapters.tgz" --exclude current .
+  wait
+  tail -n 3 "$OUT"/train_*.txt
+  tar -C "$ADAPTERS" -czf "$OUT/adapters.tgz" --exclude 'current*' .
 fi
 if [[ " $STEPS " == *" eval "* ]]; then
   for a in ${EVAL_ADAPTERS:-model/current}; do

@@ -13,7 +13,7 @@ use candle_core::{Device, Tensor, D};
 use clap::Args;
 use router::dataset::{read_merged, Example};
 use router::lora::{self, Adapter, LoraConfig};
-use router::model::{Batch, Decoder, Dropout, Mode};
+use router::model::{dense_batch, Batch, Cache, Decoder, Dropout, Mode};
 use router::prompt::PromptFormat;
 use router::prompt::{parse_reply, Reply};
 use router::rng::SplitMix64;
@@ -94,7 +94,19 @@ pub struct FitArgs {
     /// router needs only the start of a chat answer, the chat backend writes
     /// the rest; the free text after it is mostly memorised.
     #[arg(long, default_value_t = 0)]
+    #[serde(default)]
     pub chat_answer_tokens: usize,
+    /// Run every row in full instead of passing the tokens all rows of a
+    /// batch share (the system prefix) once; the loss is the same, so this
+    /// only serves speed comparisons.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_shared_prefix: bool,
+    /// Batch rows in plain random order instead of grouping rows of similar
+    /// length into each step (less padding; the steps' order stays random).
+    #[arg(long)]
+    #[serde(default)]
+    pub no_group_by_length: bool,
     /// Share of the data trained on; the rest gives the validation loss.
     #[arg(long, default_value_t = 0.9)]
     pub train_fraction: f64,
@@ -231,6 +243,38 @@ fn shuffled(n: usize, seed: u64) -> Vec<usize> {
     idx
 }
 
+/// One epoch's order of the training rows, `per_step` rows a step.
+///
+/// Rows are shuffled, then sorted by length within windows of
+/// [`LENGTH_WINDOW`] steps, so each step's rows are of similar length and
+/// little of a padded batch is padding; the steps themselves are then
+/// shuffled again, so long and short steps alternate at random. With
+/// `by_length` off, the plain shuffle.
+fn step_order(lengths: &[usize], per_step: usize, seed: u64, by_length: bool) -> Vec<usize> {
+    let order = shuffled(lengths.len(), seed);
+    let per_step = per_step.max(1);
+    if !by_length || per_step == 1 {
+        return order;
+    }
+    let mut steps: Vec<Vec<usize>> = Vec::new();
+    for window in order.chunks(per_step * LENGTH_WINDOW) {
+        let mut window = window.to_vec();
+        window.sort_by_key(|&i| std::cmp::Reverse(lengths[i]));
+        steps.extend(window.chunks(per_step).map(<[usize]>::to_vec));
+    }
+    // The last step may be short; it stays last, as without grouping.
+    let last = steps.pop().unwrap_or_default();
+    let mut out: Vec<usize> = shuffled(steps.len(), seed ^ 0x5EED_0F57_E9A1)
+        .into_iter()
+        .flat_map(|k| steps[k].clone())
+        .collect();
+    out.extend(last);
+    out
+}
+
+/// Steps of rows sorted together by [`step_order`].
+const LENGTH_WINDOW: usize = 32;
+
 fn tokenize(
     format: &PromptFormat,
     rows: &[Example],
@@ -273,36 +317,87 @@ fn keep_first_labels(labels: &mut [bool], n: usize) {
     }
 }
 
+/// How many leading tokens every row of `batch` shares and no loss position
+/// needs (0 when sharing would not pay): the system prefix, as a rule.
+fn shared_prefix_len(batch: &[&Tokenized]) -> usize {
+    let [first, rest @ ..] = batch else { return 0 };
+    if rest.is_empty() {
+        return 0;
+    }
+    let mut len = first.ids.len();
+    for row in rest {
+        len = len.min(
+            first
+                .ids
+                .iter()
+                .zip(&row.ids)
+                .take_while(|(a, b)| a == b)
+                .count(),
+        );
+    }
+    // The position that predicts a row's first answer token, and at least
+    // one token of every row, stay in the per-row pass.
+    for row in batch {
+        let first_label = row.labels.iter().position(|&l| l).unwrap_or(row.ids.len());
+        len = len
+            .min(first_label.saturating_sub(1))
+            .min(row.ids.len().saturating_sub(1));
+    }
+    if len < MIN_SHARED_PREFIX {
+        0
+    } else {
+        len
+    }
+}
+
+/// Below this many shared tokens the extra pass is not worth it.
+const MIN_SHARED_PREFIX: usize = 8;
+
 /// Sum of the answer tokens' negative log-likelihood, divided by `norm`,
 /// and the number of answer tokens.
+///
+/// The leading tokens every row shares (the system prefix, most of each
+/// row) go through the model once, batch of one, and the rows continue from
+/// its keys and values; gradients flow back through the shared pass. The
+/// result equals running every row in full.
 fn batch_loss(
     dec: &Decoder,
     batch: &[&Tokenized],
     norm: f64,
     mode: Mode,
+    share: bool,
 ) -> Result<(Tensor, usize)> {
-    let t = batch.iter().map(|b| b.ids.len()).max().unwrap_or(1);
+    let dev = &dec.device;
+    let start = if share { shared_prefix_len(batch) } else { 0 };
+    let mut cache = None;
+    if start > 0 {
+        let mut shared = Cache::default();
+        let t = Tensor::from_vec(batch[0].ids[..start].to_vec(), (1, start), dev)?;
+        dec.forward_hidden(&t, &dense_batch(1, 0, start), Some(&mut shared), mode)?;
+        cache = Some(shared.repeat(batch.len())?);
+    }
+    let t = batch.iter().map(|b| b.ids.len() - start).max().unwrap_or(1);
     let mut tokens = Vec::with_capacity(batch.len() * t);
     let mut rows = Vec::with_capacity(batch.len());
     let (mut idx, mut targets) = (Vec::new(), Vec::new());
     for (b, ex) in batch.iter().enumerate() {
-        tokens.extend_from_slice(&ex.ids);
-        tokens.extend(std::iter::repeat_n(0, t - ex.ids.len()));
+        let own = ex.ids.len() - start;
+        tokens.extend_from_slice(&ex.ids[start..]);
+        tokens.extend(std::iter::repeat_n(0, t - own));
         rows.push(
-            (0..t as u32)
-                .map(|i| ((i as usize) < ex.ids.len()).then_some(i))
+            (0..t)
+                .map(|i| (i < own).then_some((start + i) as u32))
                 .collect(),
         );
-        for i in 0..ex.ids.len() - 1 {
+        for i in start..ex.ids.len() - 1 {
             if ex.labels[i + 1] {
-                idx.push((b * t + i) as u32);
+                idx.push((b * t + i - start) as u32);
                 targets.push(ex.ids[i + 1]);
             }
         }
     }
-    let dev = &dec.device;
     let tokens = Tensor::from_vec(tokens, (batch.len(), t), dev)?;
-    let hidden = dec.forward_hidden(&tokens, &Batch { rows }, None, mode)?;
+    let hidden = dec.forward_hidden(&tokens, &Batch { rows }, cache.as_mut(), mode)?;
     let h = hidden.reshape((batch.len() * t, ()))?;
     let n = idx.len();
     let picked = h.index_select(&Tensor::from_vec(idx, n, dev)?, 0)?;
@@ -317,7 +412,7 @@ fn validation_loss(dec: &Decoder, val: &[Tokenized], batch: usize) -> Result<f64
     let (mut total, mut count) = (0f64, 0usize);
     for chunk in val.chunks(batch.max(1)) {
         let refs: Vec<&Tokenized> = chunk.iter().collect();
-        let (loss, n) = batch_loss(dec, &refs, 1.0, Mode::Infer)?;
+        let (loss, n) = batch_loss(dec, &refs, 1.0, Mode::Infer, true)?;
         total += loss.to_scalar::<f32>()? as f64;
         count += n;
     }
@@ -654,14 +749,14 @@ fn train_loop(
     let mut tokens_seen = 0usize;
     let loop_started = Instant::now();
     // This epoch's order of the training rows (reshuffled once per epoch).
+    let lengths: Vec<usize> = train.iter().map(|t| t.ids.len()).collect();
     let mut epoch_order: Option<(usize, Vec<usize>)> = None;
     for step in first_step..total {
         let epoch = step / steps_per_epoch;
         if epoch_order.as_ref().is_none_or(|(e, _)| *e != epoch) {
-            epoch_order = Some((
-                epoch,
-                shuffled(train.len(), args.seed.wrapping_add(1 + epoch as u64)),
-            ));
+            let seed = args.seed.wrapping_add(1 + epoch as u64);
+            let by_length = !args.no_group_by_length;
+            epoch_order = Some((epoch, step_order(&lengths, per_step, seed, by_length)));
         }
         let order = epoch_order
             .as_ref()
@@ -690,7 +785,8 @@ fn train_loop(
         let mut loss_sum = 0f64;
         for micro in picked.chunks(args.batch_size.max(1)) {
             let norm = label_tokens.max(1) as f64;
-            let (loss, _) = batch_loss(dec, micro, norm, Mode::Train(&dropout))?;
+            let share = !args.no_shared_prefix;
+            let (loss, _) = batch_loss(dec, micro, norm, Mode::Train(&dropout), share)?;
             loss_sum += loss.to_scalar::<f32>()? as f64;
             let store = loss.backward()?;
             for (i, v) in vars.iter().enumerate() {
@@ -909,6 +1005,81 @@ fn evaluate_and_promote(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_common as common;
+
+    fn row(prefix: &[u32], own: &[u32], answer_from: usize) -> Tokenized {
+        let ids: Vec<u32> = prefix.iter().chain(own).copied().collect();
+        let labels = (0..ids.len()).map(|i| i >= answer_from).collect();
+        Tokenized { ids, labels }
+    }
+
+    #[test]
+    fn a_shared_prefix_gives_the_loss_and_gradients_of_whole_rows() {
+        use router::model::Architecture;
+        let cfg = common::tiny_config(Architecture::Gemma3);
+        let mut dec = common::random_decoder(&cfg, 7, &Device::Cpu);
+        let targets = [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ];
+        lora::init(&mut dec, &LoraConfig::new(4, 8.0, 0.0, &targets), 3).unwrap();
+        let mut rng = SplitMix64(5);
+        for var in dec.lora_vars() {
+            let shape = var.as_tensor().shape().clone();
+            let v: Vec<f32> = (0..shape.elem_count())
+                .map(|_| (rng.next_f64() as f32 - 0.5) * 0.5)
+                .collect();
+            var.set(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        // Ten shared tokens (longer than the tiny sliding window of 4), then
+        // rows of different lengths with answers at their ends.
+        let prefix: Vec<u32> = (0..10).map(|i| (i * 13 + 3) % 97).collect();
+        let rows = [
+            row(&prefix, &[40, 41, 42], 11),
+            row(&prefix, &[50, 51, 52, 53, 54, 55], 13),
+            row(&prefix, &[60, 61, 62, 63, 64, 65, 66, 67, 68], 12),
+        ];
+        let refs: Vec<&Tokenized> = rows.iter().collect();
+        // The position predicting the earliest answer (11) stays per row.
+        assert_eq!(shared_prefix_len(&refs), 10);
+        assert_eq!(shared_prefix_len(&refs[..1]), 0);
+
+        let dropout = Dropout::new(&Device::Cpu, 0).unwrap();
+        let mode = Mode::Train(&dropout);
+        let (shared, n) = batch_loss(&dec, &refs, 1.0, mode, true).unwrap();
+        let mut whole = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu).unwrap();
+        let mut count = 0;
+        for r in &refs {
+            let (loss, k) = batch_loss(&dec, std::slice::from_ref(r), 1.0, mode, true).unwrap();
+            whole = (whole + loss).unwrap();
+            count += k;
+        }
+        assert_eq!(n, count);
+        let (a, b) = (
+            shared.to_scalar::<f32>().unwrap(),
+            whole.to_scalar::<f32>().unwrap(),
+        );
+        assert!((a - b).abs() < 1e-4 * b.abs(), "{a} vs {b}");
+        let (ga, gb) = (shared.backward().unwrap(), whole.backward().unwrap());
+        for var in dec.lora_vars() {
+            let (x, y) = (ga.get(&var).unwrap(), gb.get(&var).unwrap());
+            let scale = y
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(scale > 0.0);
+            assert!(common::max_diff(x, y) < 1e-4 * scale.max(1.0));
+        }
+    }
 
     #[test]
     fn shuffle_is_a_deterministic_permutation() {
@@ -918,6 +1089,44 @@ mod tests {
         let mut s = a.clone();
         s.sort();
         assert_eq!(s, (0..50).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn steps_group_rows_of_similar_length_in_a_random_order() {
+        let mut rng = SplitMix64(9);
+        let lengths: Vec<usize> = (0..1000)
+            .map(|_| 20 + (rng.next_u64() % 200) as usize)
+            .collect();
+        let padding = |order: &[usize]| -> usize {
+            order
+                .chunks(8)
+                .map(|s| {
+                    let max = s.iter().map(|&i| lengths[i]).max().unwrap_or(0);
+                    s.iter().map(|&i| max - lengths[i]).sum::<usize>()
+                })
+                .sum()
+        };
+        let grouped = step_order(&lengths, 8, 3, true);
+        let plain = step_order(&lengths, 8, 3, false);
+        assert_eq!(plain, shuffled(1000, 3));
+        assert_eq!(grouped, step_order(&lengths, 8, 3, true));
+        let mut sorted = grouped.clone();
+        sorted.sort();
+        assert_eq!(sorted, (0..1000).collect::<Vec<_>>());
+        // Far less padding than random batches...
+        assert!(
+            padding(&grouped) * 10 < padding(&plain),
+            "{} vs {}",
+            padding(&grouped),
+            padding(&plain)
+        );
+        // ...and the steps do not run from longest to shortest.
+        let first_rows: Vec<usize> = grouped.chunks(8).map(|s| lengths[s[0]]).collect();
+        assert!(first_rows.windows(2).any(|w| w[0] < w[1]));
+        assert_ne!(
+            first_rows[..10],
+            first_rows[first_rows.len() - 11..first_rows.len() - 1]
+        );
     }
 
     #[test]

@@ -7,6 +7,10 @@ mod eval;
 mod expand;
 mod fit;
 mod optim;
+/// The workspace's one home of test helpers (tiny configs, random weights).
+#[cfg(test)]
+#[path = "../../tests/common/mod.rs"]
+mod test_common;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
