@@ -24,7 +24,7 @@ fn main() -> anyhow::Result<()> {
             .collect();
     router.route(&messages[0])?;
     for drafts in [0usize, 2, 4, 6, 0] {
-        router.config.draft_tokens = drafts;
+        router.config.draft_tokens = Some(drafts);
         let started = Instant::now();
         let mut tokens = 0;
         for m in &messages {

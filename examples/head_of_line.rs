@@ -80,7 +80,8 @@ fn main() -> anyhow::Result<()> {
             max(&mixed[..11]),
             mixed[11]
         );
-        // The long one first, alone: its prefill runs before the others arrive.
+        // The long one first, alone: it is read in chunks, and the others,
+        // arriving during its prefill, are decided between two chunks.
         let mut first = vec![long.clone()];
         first.extend(short.iter().cloned());
         let late = round(&engine, &first).await?;

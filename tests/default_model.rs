@@ -295,9 +295,9 @@ fn prompt_lookup_drafts_write_what_one_token_per_step_writes() {
         "can you make a picture of a tiny robot watering plants on a balcony, pixel art",
         "hi everyone",
     ];
-    router.config.draft_tokens = 0;
+    router.config.draft_tokens = Some(0);
     let plain = router.route_batch(&texts).unwrap();
-    router.config.draft_tokens = 6;
+    router.config.draft_tokens = Some(6);
     let drafted = router.route_batch(&texts).unwrap();
     assert_eq!(plain, drafted);
     assert!(

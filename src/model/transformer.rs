@@ -563,6 +563,11 @@ impl Decoder {
         Ok(())
     }
 
+    /// Whether Q8_0 copies serve CPU steps of a few rows.
+    pub fn is_cpu_quantized(&self) -> bool {
+        self.head_q8.is_some() || self.linears().any(Linear::is_quantized)
+    }
+
     /// Sets the dropout of every attached LoRA pair (training only uses it).
     pub fn set_lora_dropout(&mut self, p: f64) {
         for l in self.linears_mut() {
