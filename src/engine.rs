@@ -148,8 +148,9 @@ fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathB
                     }
                     // Long messages are read in chunks, and the short ones
                     // that arrive meanwhile are decided between two chunks.
-                    let (long, short): (Vec<_>, Vec<_>) =
-                        batch.into_iter().partition(|(text, _)| is_long(&router, text));
+                    let (long, short): (Vec<_>, Vec<_>) = batch
+                        .into_iter()
+                        .partition(|(text, _)| is_long(&router, text));
                     route_batch(&mut router, short);
                     for (text, reply) in long {
                         route_long(&mut router, text, reply, &rx, &mut queue);

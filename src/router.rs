@@ -425,7 +425,8 @@ impl Router {
             return Ok(true);
         }
         let dec = &self.base.decoder;
-        let part = Tensor::new(&long.ids[long.read..long.read + chunk], &dec.device)?.unsqueeze(0)?;
+        let part =
+            Tensor::new(&long.ids[long.read..long.read + chunk], &dec.device)?.unsqueeze(0)?;
         let start = (long.prefix_len + long.read) as u32;
         let batch = dense_batch(1, start, chunk);
         dec.forward_hidden(&part, &batch, Some(&mut long.cache), Mode::Infer)?;
@@ -445,7 +446,9 @@ impl Router {
             drafted: 0,
         };
         let mut decided = self.decide_rows(vec![row], long.cache, Opening::Free)?;
-        decided.pop().ok_or(Error::Engine("a message was left undecided".into()))
+        decided
+            .pop()
+            .ok_or(Error::Engine("a message was left undecided".into()))
     }
 
     /// A message's token ids as the router feeds them after the system

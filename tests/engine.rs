@@ -206,7 +206,10 @@ fn a_long_message_read_in_chunks_is_decided_as_in_one_pass() {
         while !r.advance(&mut long).unwrap() {
             chunks += 1;
         }
-        assert!(chunks >= long.len() / chunk - 2, "{chunks} chunks of {chunk}");
+        assert!(
+            chunks >= long.len() / chunk - 2,
+            "{chunks} chunks of {chunk}"
+        );
         assert_eq!(r.finish_long(long).unwrap(), want, "chunks of {chunk}");
     }
 }
@@ -236,7 +239,10 @@ async fn short_messages_arriving_during_a_long_prefill_are_answered_before_it() 
     assert!(direct.input_ids("hi 1").unwrap().len() <= 2 * 8);
     for (i, h) in shorts.into_iter().enumerate() {
         let routed = h.await.unwrap();
-        assert_eq!(routed.decision, direct.route(&format!("hi {}", i + 1)).unwrap());
+        assert_eq!(
+            routed.decision,
+            direct.route(&format!("hi {}", i + 1)).unwrap()
+        );
     }
     assert!(long.await.unwrap().batch_ms > 0.0);
     drop(done_tx);

@@ -5,7 +5,7 @@ mod common;
 
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
-use common::{max_diff, random_decoder, tiny_config};
+use common::{max_abs, max_diff, random_decoder, tiny_config};
 use router::lora::{self, Adapter, LoraConfig};
 use router::model::{dense_batch, Architecture, Batch, Cache, Decoder, Dropout, Mode};
 use router::rng::SplitMix64;
@@ -86,24 +86,9 @@ fn kv_cache_decoding_equals_full_recomputation() {
         let dec = tiny(arch);
         let seq = ids(12, 2);
         let full = full_logits(&dec, &seq, Mode::Infer);
-        let mut cache = Cache::default();
-        let head = Tensor::new(&seq[..5], &Device::Cpu)
-            .unwrap()
-            .unsqueeze(0)
-            .unwrap();
-        dec.forward_hidden(&head, &dense_batch(1, 0, 5), Some(&mut cache), Mode::Infer)
-            .unwrap();
-        for (i, &tok) in seq.iter().enumerate().skip(5) {
-            let t = Tensor::new(&[[tok]], &Device::Cpu).unwrap();
-            let b = Batch {
-                rows: vec![vec![Some(i as u32)]],
-            };
-            let h = dec
-                .forward_hidden(&t, &b, Some(&mut cache), Mode::Infer)
-                .unwrap();
-            let step = dec.logits_at(&h, &[0]).unwrap().squeeze(0).unwrap();
-            let want = full.get(i).unwrap();
-            assert!(max_diff(&step, &want) < 1e-4, "{arch:?} position {i}");
+        for (k, step) in stepwise_logits(&dec, &seq, 5).iter().enumerate() {
+            let want = full.get(5 + k).unwrap();
+            assert!(max_diff(step, &want) < 1e-4, "{arch:?} position {}", 5 + k);
         }
     }
 }
@@ -442,13 +427,7 @@ fn cpu_q8_copies_stay_close_to_f32_and_follow_the_adapter() {
     // recomputation, relative to the largest logit.
     let rel_diff = |quantized: &Decoder, reference: &Decoder| -> f32 {
         let full = full_logits(reference, &seq, Mode::Infer);
-        let scale = full
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(&full);
         stepwise_logits(quantized, &seq, 6)
             .iter()
             .enumerate()

@@ -168,9 +168,12 @@ pub fn random_decoder(cfg: &ModelConfig, seed: u64, device: &Device) -> Decoder 
 
 /// Largest absolute element-wise difference of two tensors of one shape.
 pub fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
+    max_abs(&(a - b).unwrap())
+}
+
+/// Largest absolute element of a tensor.
+pub fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
         .unwrap()
         .flatten_all()
         .unwrap()
