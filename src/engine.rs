@@ -8,8 +8,8 @@
 //! is read in chunks, and short messages arriving meanwhile are decided
 //! between two of them. Adapters are read and checked off the routing
 //! thread (`spawn_blocking`); the routing thread only merges the loaded
-//! weights (a few milliseconds on a GPU; on the 2-core dev CPU about 0.5 s,
-//! and up to 2 s when it also makes the Q8_0 copies).
+//! weights (a few milliseconds on a GPU; under a second on the 2-core dev
+//! CPU, Q8_0 copies included).
 
 use std::collections::VecDeque;
 use std::path::PathBuf;

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Decoder, Lora};
+use crate::model::{Decoder, Linear, Lora};
 use crate::rng::SplitMix64;
 use crate::{Error, Result};
 
@@ -289,13 +289,39 @@ impl Adapter {
                 ),
             );
         }
-        for linear in decoder.linears_mut() {
-            linear.set_lora(pending.remove(linear.name()))?;
-            if merge {
-                linear.merge()?;
+        let mut work: Vec<(&mut Linear, Option<Lora>)> = decoder
+            .linears_mut()
+            .map(|l| {
+                let lora = pending.remove(l.name());
+                (l, lora)
+            })
+            .collect();
+        // Merging (and making Q8_0 copies) is plain CPU work per projection:
+        // on the CPU, spread it over the threads.
+        let threads = if dev.is_cpu() {
+            candle_core::utils::get_num_threads().max(1)
+        } else {
+            1
+        };
+        let per_thread = work.len().div_ceil(threads).max(1);
+        std::thread::scope(|scope| {
+            let workers: Vec<_> = work
+                .chunks_mut(per_thread)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter_mut()
+                            .try_for_each(|(linear, lora)| linear.adapt(lora.take(), merge))
+                    })
+                })
+                .collect();
+            for worker in workers {
+                worker.join().map_err(|_| Error::Adapter {
+                    path: self.path.clone(),
+                    message: "a merge thread panicked".into(),
+                })??;
             }
-        }
-        Ok(())
+            Ok(())
+        })
     }
 }
 

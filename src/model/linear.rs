@@ -209,8 +209,17 @@ impl Linear {
 
     /// Attaches `lora` (or none) unmerged; any merged copy is dropped.
     pub fn set_lora(&mut self, lora: Option<Lora>) -> candle_core::Result<()> {
+        self.adapt(lora, false)
+    }
+
+    /// Attaches `lora` (or none) and merges it when `merge` is set, making
+    /// the Q8_0 copy (if any) once, of the weight that ends up in use.
+    pub fn adapt(&mut self, lora: Option<Lora>, merge: bool) -> candle_core::Result<()> {
         self.lora = lora;
-        self.merged = None;
+        self.merged = match (&self.lora, merge) {
+            (Some(l), true) => Some(self.merged_weight(l)?),
+            _ => None,
+        };
         self.refresh_q8()
     }
 
@@ -244,14 +253,17 @@ impl Linear {
     /// Folds the adapter into `merged` (base weight untouched).
     pub fn merge(&mut self) -> candle_core::Result<()> {
         self.merged = match &self.lora {
-            Some(l) => {
-                let w = self.weight.to_dtype(DType::F32)?;
-                let delta = l.delta()?.to_device(w.device())?;
-                Some((w + delta)?.to_dtype(self.weight.dtype())?)
-            }
+            Some(l) => Some(self.merged_weight(l)?),
             None => None,
         };
         self.refresh_q8()
+    }
+
+    /// `W + s·BA` in the weight's dtype.
+    fn merged_weight(&self, lora: &Lora) -> candle_core::Result<Tensor> {
+        let w = self.weight.to_dtype(DType::F32)?;
+        let delta = lora.delta()?.to_device(w.device())?;
+        (w + delta)?.to_dtype(self.weight.dtype())
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
