@@ -119,6 +119,9 @@ pub struct Router {
     /// Cleared whenever the adapter changes: LoRA on k/v changes them.
     prefix: Option<(Vec<u32>, Cache)>,
     call_prefix_ids: Vec<u32>,
+    /// Bumped whenever the weights may change (adapter swaps, `base_mut`),
+    /// so that a [`LongPrefill`] begun before cannot be finished after.
+    generation: u64,
 }
 
 /// What the trainer records next to an adapter for the router
@@ -202,6 +205,8 @@ struct Row {
 /// chunks, but not an adapter swap: the cache belongs to the adapter that
 /// began it.
 pub struct LongPrefill {
+    /// The router's generation (weights version) it was begun under.
+    generation: u64,
     ids: Vec<u32>,
     /// Ids already in `cache`.
     read: usize,
@@ -255,6 +260,7 @@ impl Router {
             adapter: None,
             adapter_threshold: None,
             prefix: None,
+            generation: 0,
             call_prefix_ids,
         })
     }
@@ -267,6 +273,7 @@ impl Router {
     /// invalidates the prefix cache.
     pub fn base_mut(&mut self) -> &mut BaseModel {
         self.prefix = None;
+        self.generation += 1;
         &mut self.base
     }
 
@@ -297,6 +304,7 @@ impl Router {
             }
         }
         self.prefix = None;
+        self.generation += 1;
         Ok(())
     }
 
@@ -409,6 +417,7 @@ impl Router {
         let ids = self.input_ids(text)?;
         let (prefix_len, cache) = self.prefix_cache()?;
         Ok(LongPrefill {
+            generation: self.generation,
             ids,
             read: 0,
             prefix_len,
@@ -420,6 +429,7 @@ impl Router {
     /// last chunk for [`Router::finish_long`]. Returns whether only that
     /// last chunk is left.
     pub fn advance(&mut self, long: &mut LongPrefill) -> Result<bool> {
+        self.check_generation(long)?;
         let chunk = self.config.prefill_chunk.max(1);
         if long.ids.len() - long.read <= chunk {
             return Ok(true);
@@ -437,6 +447,7 @@ impl Router {
     /// Reads what is left of `long` and decides it, exactly as
     /// [`Router::route`] would (up to the arithmetic of other shapes).
     pub fn finish_long(&mut self, long: LongPrefill) -> Result<Decision> {
+        self.check_generation(&long)?;
         let row = Row {
             next: long.ids[long.read..].to_vec(),
             next_position: (long.prefix_len + long.read) as u32,
@@ -449,6 +460,15 @@ impl Router {
         decided
             .pop()
             .ok_or(Error::Engine("a message was left undecided".into()))
+    }
+
+    fn check_generation(&self, long: &LongPrefill) -> Result<()> {
+        if long.generation != self.generation {
+            return Err(Error::Engine(
+                "the adapter changed while a long message was being read; route it again".into(),
+            ));
+        }
+        Ok(())
     }
 
     /// A message's token ids as the router feeds them after the system

@@ -212,6 +212,11 @@ fn a_long_message_read_in_chunks_is_decided_as_in_one_pass() {
         );
         assert_eq!(r.finish_long(long).unwrap(), want, "chunks of {chunk}");
     }
+    // A swap in between would mix two adapters' keys and values: refused.
+    let mut long = r.begin_long(&text).unwrap();
+    r.set_adapter(None).unwrap();
+    let err = r.advance(&mut long).unwrap_err().to_string();
+    assert!(err.contains("adapter changed"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
