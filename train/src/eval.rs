@@ -583,9 +583,18 @@ fn has_any(hay: &str, words: &str) -> bool {
     words.split('|').any(|w| has_word(hay, w))
 }
 
-/// Splits a lower-cased prompt into clauses.
+/// Splits a lower-cased prompt into clauses. A space between two CJK
+/// characters ends a clause as a comma would (Discord-style Chinese writes
+/// `名字糊掉 角色換成皮卡丘 其他別動`).
 fn clauses(text: &str) -> Vec<String> {
-    let mut t = text.to_string();
+    let chars: Vec<char> = text.chars().collect();
+    let mut t = String::with_capacity(text.len());
+    for (i, &c) in chars.iter().enumerate() {
+        let between_cjk = c.is_whitespace()
+            && chars[..i].last().is_some_and(|p| !p.is_ascii())
+            && chars[i + 1..].first().is_some_and(|n| !n.is_ascii());
+        t.push(if between_cjk { '|' } else { c });
+    }
     for w in CLAUSE_WORDS.split('|') {
         t = t.replace(w, "|");
     }
@@ -925,6 +934,12 @@ mod tests {
         assert_eq!(ops("解析度放大三倍"), vec![Upscale]);
         assert_eq!(ops("帽子放大一點"), vec![Resize]);
         assert_eq!(ops("陰影加深，其他地方都不要動"), vec![Adjust, Keep]);
+        // Spaces between CJK clauses split them as commas do.
+        assert_eq!(
+            ops("名字糊掉 然後角色換成皮卡丘 其他別動"),
+            ops("名字糊掉，然後角色換成皮卡丘，其他別動")
+        );
+        assert_eq!(ops("角色換成皮卡丘 其他別動"), vec![Replace, Keep]);
         // Not edits: a plain scene, and 加 in 加油.
         assert_eq!(ops("一隻在屋頂上彈烏克麗麗的浣熊，水彩風"), vec![]);
         assert_eq!(ops("看台上的人揮著加油棒"), vec![]);
