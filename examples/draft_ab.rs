@@ -3,20 +3,24 @@
 //! the generator test file at batch 1, for several draft lengths.
 //! `cargo run --release --example draft_ab [-- --device cuda] [--f32]`
 //! (`--f32`: no Q8_0 copies on the CPU, as `--cpu-weights f32`)
-use std::path::Path;
 use std::time::Instant;
 
 fn main() -> anyhow::Result<()> {
     let spec = std::env::args().skip_while(|a| a != "--device").nth(1);
     let device = router::device::select(spec.as_deref())?;
-    let mut base = router::model::load(router::cli::DEFAULT_BASE_MODEL, &device)?;
+    let mut base = router::model::load(
+        router::cli::default_path(router::cli::DEFAULT_BASE_MODEL)
+            .to_str()
+            .unwrap_or_default(),
+        &device,
+    )?;
     let f32_only = std::env::args().any(|a| a == "--f32");
     base.decoder.set_cpu_quantized(!f32_only)?;
-    router::lora::Adapter::load(Path::new(router::cli::DEFAULT_ADAPTER))?
+    router::lora::Adapter::load(&router::cli::default_path(router::cli::DEFAULT_ADAPTER))?
         .apply(&mut base.decoder, true)?;
     let mut router = router::router::Router::new(base, Default::default())?;
     let messages: Vec<String> =
-        router::dataset::read_jsonl(Path::new("datas/image_call_test.jsonl"))?
+        router::dataset::read_jsonl(&router::cli::default_path("datas/image_call_test.jsonl"))?
             .into_iter()
             .filter(|e| e.assistant.starts_with("call("))
             .take(10)

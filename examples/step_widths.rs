@@ -4,7 +4,6 @@
 //! `Q8_MAX_ROWS` and `Q8_HEAD_MAX_ROWS`. Default model and adapter, after an
 //! 80-token prefill, the median of 9 steps per width.
 //! `cargo run --release --example step_widths [-- 1 2 4 7 12 16 25]`
-use std::path::Path;
 use std::time::Instant;
 
 use candle_core::Tensor;
@@ -21,8 +20,13 @@ fn main() -> anyhow::Result<()> {
         widths
     };
     let device = router::device::select(Some("cpu"))?;
-    let mut base = router::model::load(router::cli::DEFAULT_BASE_MODEL, &device)?;
-    router::lora::Adapter::load(Path::new(router::cli::DEFAULT_ADAPTER))?
+    let mut base = router::model::load(
+        router::cli::default_path(router::cli::DEFAULT_BASE_MODEL)
+            .to_str()
+            .unwrap_or_default(),
+        &device,
+    )?;
+    router::lora::Adapter::load(&router::cli::default_path(router::cli::DEFAULT_ADAPTER))?
         .apply(&mut base.decoder, true)?;
     let context: Vec<u32> = (0..80u32).map(|i| 1000 + i * 7).collect();
     println!("| rows | stack f32 | stack q8 | head f32 | head q8 |");
