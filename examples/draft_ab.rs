@@ -1,24 +1,22 @@
 //! Image calls with and without prompt-lookup drafts on this machine: the
-//! default model with the shipped adapter routes the first 10 call rows of
-//! the generator test file at batch 1, for several draft lengths.
-//! `cargo run --release --example draft_ab [-- --device cuda] [--f32]`
-//! (`--f32`: no Q8_0 copies on the CPU, as `--cpu-weights f32`)
+//! base model and adapter (the defaults unless given, as for `bot`) route
+//! the first 10 call rows of the generator test file at batch 1, for
+//! several draft lengths.
+//! `cargo run --release --example draft_ab [-- --device cuda] [--cpu-weights f32]`
 use std::time::Instant;
 
+use clap::Parser;
+use router::cli::ModelArgs;
+use router::router::RouterConfig;
+
+#[derive(Parser)]
+struct Args {
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
 fn main() -> anyhow::Result<()> {
-    let spec = std::env::args().skip_while(|a| a != "--device").nth(1);
-    let device = router::device::select(spec.as_deref())?;
-    let mut base = router::model::load(
-        router::cli::default_path(router::cli::DEFAULT_BASE_MODEL)
-            .to_str()
-            .unwrap_or_default(),
-        &device,
-    )?;
-    let f32_only = std::env::args().any(|a| a == "--f32");
-    base.decoder.set_cpu_quantized(!f32_only)?;
-    router::lora::Adapter::load(&router::cli::default_path(router::cli::DEFAULT_ADAPTER))?
-        .apply(&mut base.decoder, true)?;
-    let mut router = router::router::Router::new(base, Default::default())?;
+    let mut router = Args::parse().model.load_router(RouterConfig::default())?;
     let messages: Vec<String> =
         router::dataset::read_jsonl(&router::cli::default_path("datas/image_call_test.jsonl"))?
             .into_iter()

@@ -1,33 +1,33 @@
 //! What one cached step of W new tokens costs on this machine, split into
 //! the decoder stack and the output head, with the f32 weights and with the
 //! CPU's Q8_0 copies (`--cpu-weights`): the measurements behind
-//! `Q8_MAX_ROWS` and `Q8_HEAD_MAX_ROWS`. Default model and adapter, after an
-//! 80-token prefill, the median of 9 steps per width.
+//! `Q8_MAX_ROWS` and `Q8_HEAD_MAX_ROWS`. After an 80-token prefill, the
+//! median of 9 steps per width. The base model and adapter are the defaults
+//! unless given, as for `bot`; the device is the CPU.
 //! `cargo run --release --example step_widths [-- 1 2 4 7 12 16 25]`
 use std::time::Instant;
 
 use candle_core::Tensor;
+use clap::Parser;
+use router::cli::ModelArgs;
 use router::model::{dense_batch, Cache, Mode};
+use router::router::RouterConfig;
+
+#[derive(Parser)]
+struct Args {
+    /// Rows per step to measure.
+    #[arg(default_values_t = [1, 2, 4, 7, 12, 16, 25])]
+    widths: Vec<usize>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
 
 fn main() -> anyhow::Result<()> {
-    let widths: Vec<usize> = std::env::args()
-        .skip(1)
-        .map(|a| a.parse())
-        .collect::<Result<_, _>>()?;
-    let widths = if widths.is_empty() {
-        vec![1, 2, 4, 7, 12, 16, 25]
-    } else {
-        widths
-    };
-    let device = router::device::select(Some("cpu"))?;
-    let mut base = router::model::load(
-        router::cli::default_path(router::cli::DEFAULT_BASE_MODEL)
-            .to_str()
-            .unwrap_or_default(),
-        &device,
-    )?;
-    router::lora::Adapter::load(&router::cli::default_path(router::cli::DEFAULT_ADAPTER))?
-        .apply(&mut base.decoder, true)?;
+    let Args { widths, mut model } = Args::parse();
+    model.device = Some("cpu".into());
+    let mut router = model.load_router(RouterConfig::default())?;
+    let base = router.base_mut();
+    let device = base.decoder.device.clone();
     let context: Vec<u32> = (0..80u32).map(|i| 1000 + i * 7).collect();
     println!("| rows | stack f32 | stack q8 | head f32 | head q8 |");
     println!("|---|---|---|---|---|");

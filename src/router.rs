@@ -83,8 +83,9 @@ pub struct RouterConfig {
     /// what one token per step writes; image prompts mostly copy the user's
     /// words, so most drafts are accepted. `None`: 6, except on a CPU with
     /// Q8_0 copies (`Decoder::set_cpu_quantized`), where a one-token step
-    /// is so much cheaper than a longer one that drafts cost more than they
-    /// save (dev CPU: 602 ms per image call without, 780 ms with 6).
+    /// is so much cheaper than a longer one that drafts save nothing (dev
+    /// CPU, per image call: 602 ms without against 780 ms with 6 in one
+    /// run, level at 560-620 ms in two later ones).
     pub draft_tokens: Option<usize>,
     /// Messages longer than twice this many tokens are read this many
     /// tokens at a time ([`Router::begin_long`]), so that the engine can
@@ -579,6 +580,7 @@ impl Router {
         opening: Opening,
     ) -> Result<Vec<Decision>> {
         let n = rows.len();
+        let drafts = self.draft_tokens();
         let format = &self.base.format;
         let (stops, tokenizer) = (&format.stop_ids, format.tokenizer());
         let mut texts_out = vec![String::new(); n];
@@ -653,7 +655,7 @@ impl Router {
                     let draft = lookup_draft(
                         &row.input,
                         &row.generated,
-                        self.draft_tokens().min(room.saturating_sub(1)),
+                        drafts.min(room.saturating_sub(1)),
                     );
                     row.drafted = draft.len();
                     row.next = pending;

@@ -252,11 +252,8 @@ impl Linear {
 
     /// Folds the adapter into `merged` (base weight untouched).
     pub fn merge(&mut self) -> candle_core::Result<()> {
-        self.merged = match &self.lora {
-            Some(l) => Some(self.merged_weight(l)?),
-            None => None,
-        };
-        self.refresh_q8()
+        let lora = self.lora.take();
+        self.adapt(lora, true)
     }
 
     /// `W + s·BA` in the weight's dtype.
