@@ -24,7 +24,8 @@
 # rerun alone. Knobs: LIMIT / LIMIT_1B (messages of `bot bench`), LAT
 # (batch-1 messages of the slow methods), TRAIN_STEPS, WORK (exports: 0.5 GB
 # and 2 GB on cuda), OUT (results: env.txt, ours_*.json, hf_*.json,
-# train_*, table.md).
+# train_*, table.md). TRAIN_AB=1 also times the 270M recipe with
+# --no-shared-prefix (train_270m-whole.*).
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/out}
@@ -110,6 +111,7 @@ fi
 # adapter; the exit status is therefore non-zero).
 train_run() {
   local name=$1 base=$2
+  shift 2
   rm -rf "$WORK/adapters/speed-$name" "$WORK/adapters/speed-$name.partial"
   local smi=""
   if [[ $DEVICE == cuda ]]; then
@@ -118,7 +120,7 @@ train_run() {
     smi=$!
   fi
   $TRAIN --base-model "$base" --no-adapter --device "$DEVICE" --out-dir "$WORK/adapters" --name "speed-$name" \
-    --current "$WORK/adapters/current" --no-promote --save-every 0 --eval-every 0 "${SHIPPED[@]}" \
+    --current "$WORK/adapters/current" --no-promote --save-every 0 --eval-every 0 "${SHIPPED[@]}" "$@" \
     --max-steps $((TRAIN_STEPS + 1)) --stop-after "$TRAIN_STEPS" > "$OUT/train_$name.txt" 2>&1 || true
   [[ -n $smi ]] && kill "$smi" 2>/dev/null || true
   grep -v '^\s*$' "$OUT/train_$name.txt" | grep -v 'train \[' | tail -n 4 || true
@@ -127,6 +129,10 @@ train_run() {
 if has train; then
   stamp "train: ours, 270M, shipped recipe, $TRAIN_STEPS steps"
   train_run 270m "$MODEL"
+  if [[ ${TRAIN_AB:-0} == 1 ]]; then
+    stamp "train: ours, 270M, whole rows (--no-shared-prefix), $TRAIN_STEPS steps"
+    train_run 270m-whole "$MODEL" --no-shared-prefix
+  fi
   if [[ -d $WORK/hf1b ]]; then
     stamp "train: ours, 1B shape, shipped recipe, $TRAIN_STEPS steps"
     train_run 1b "$WORK/hf1b"
