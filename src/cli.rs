@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 
 use crate::lora::Adapter;
-use crate::model::{self, BaseModel};
+use crate::model::{self, BaseModel, Decoder};
 use crate::router::{Router, RouterConfig};
 use crate::{Error, Result};
 
@@ -125,20 +125,32 @@ impl ModelArgs {
         self.base_model.is_none() && !default_path(DEFAULT_BASE_MODEL).exists()
     }
 
-    /// Loads the base model.
+    /// Loads the base model for inference, holding the CPU weights as
+    /// `--cpu-weights` says (the bot, `train eval`).
     pub fn load_base(&self) -> Result<BaseModel> {
-        let device = crate::device::select(self.device.as_deref())?;
-        let spec = self.base_spec();
-        tracing::info!(base = %spec, device = %crate::device::describe(&device), "loading base model");
-        let mut base = model::load(&spec, &device)?;
-        base.decoder
-            .set_cpu_quantized(self.cpu_weights == CpuWeights::Q8)?;
+        let mut base = self.load_base_for_training()?;
+        self.apply_cpu_weights(&mut base.decoder)?;
         Ok(base)
     }
 
-    /// Loads the base model alone into a router (no adapter).
-    pub fn load_router_bare(&self, config: RouterConfig) -> Result<Router> {
-        Router::new(self.load_base()?, config)
+    /// Loads the base model with its own weights alone, without Q8_0
+    /// copies whatever `--cpu-weights` says: training computes from those
+    /// weights (the copies have no backward pass), so copies would only
+    /// cost the memory and the time to make them. A run that goes on to
+    /// route calls [`ModelArgs::apply_cpu_weights`] first, to route as the
+    /// bot does.
+    pub fn load_base_for_training(&self) -> Result<BaseModel> {
+        let device = crate::device::select(self.device.as_deref())?;
+        let spec = self.base_spec();
+        tracing::info!(base = %spec, device = %crate::device::describe(&device), "loading base model");
+        model::load(&spec, &device)
+    }
+
+    /// Makes (or drops) the decoder's CPU Q8_0 copies as `--cpu-weights`
+    /// says; a no-op on other devices.
+    pub fn apply_cpu_weights(&self, decoder: &mut Decoder) -> Result<()> {
+        decoder.set_cpu_quantized(self.cpu_weights == CpuWeights::Q8)?;
+        Ok(())
     }
 
     /// Loads base model and adapter into a router.

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::collections::BTreeSet;
+
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor};
 use common::{max_abs, max_diff, random_decoder, tiny_config};
@@ -391,6 +393,38 @@ fn dropping_rows_from_a_cache_keeps_the_others_exact() {
     }
 }
 
+/// Regression: a training step of a few rows on a decoder with CPU Q8_0
+/// copies took the output head's copy, which has no backward pass, and no
+/// LoRA variable got a gradient. Its gradients must be those without copies.
+#[test]
+fn cpu_q8_copies_leave_the_gradients_of_a_short_training_step_alone() {
+    let targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"];
+    for arch in ARCHS {
+        let plain = adapted(arch, &LoraConfig::new(4, 8.0, 0.0, &targets));
+        let mut quantized = plain.clone();
+        quantized.set_cpu_quantized(true).unwrap();
+        assert!(quantized.is_cpu_quantized());
+        // Three positions: within both bounds (`Q8_HEAD_MAX_ROWS` is 4).
+        let seq = ids(3, 2);
+        let grads = |dec: &Decoder| -> GradStore {
+            let logits = full_logits(dec, &seq, Mode::Train(&no_dropout()));
+            let targets = Tensor::new(&ids(3, 5)[..], &Device::Cpu).unwrap();
+            let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
+            loss.backward().unwrap()
+        };
+        let (want, got) = (grads(&plain), grads(&quantized));
+        // The clone shares the variables, so both stores key on the same ones.
+        for (i, v) in lora::trainable_vars(&plain).iter().enumerate() {
+            let w = want.get(v.as_tensor()).unwrap();
+            let g = got
+                .get(v.as_tensor())
+                .unwrap_or_else(|| panic!("{arch:?}: no gradient for var {i}"));
+            assert!(max_abs(w) > 0.0, "{arch:?}: var {i}");
+            assert!(max_diff(g, w) < 1e-6 * max_abs(w), "{arch:?}: var {i}");
+        }
+    }
+}
+
 /// Logits of `seq[start..]` decoded one token per step after a cached prefill
 /// of `seq[..start]`.
 fn stepwise_logits(dec: &Decoder, seq: &[u32], start: usize) -> Vec<Tensor> {
@@ -438,31 +472,42 @@ fn cpu_q8_copies_stay_close_to_f32_and_follow_the_adapter() {
         let mut dec = adapted(arch, &qkvo());
         let unmerged = dec.clone();
         dec.set_cpu_quantized(true).unwrap();
-        // 32 input features are whole Q8_0 blocks; the MLP's 48 are not and
-        // stay f32.
-        let names = |d: &Decoder| -> Vec<String> {
+        // The projections that have copies, by kind.
+        let names = |d: &Decoder| -> BTreeSet<String> {
             d.linears()
                 .filter(|l| l.is_quantized())
                 .map(|l| l.name().rsplit('.').next().unwrap().to_string())
                 .collect()
         };
-        let quantized = names(&dec);
-        assert!(quantized.contains(&"q_proj".to_string()), "{quantized:?}");
-        assert!(
-            !quantized.contains(&"down_proj".to_string()),
-            "{quantized:?}"
+        // 32 input features are whole Q8_0 blocks, the MLP's 48 are not
+        // (down_proj stays f32); an unmerged pair is a trainable one, and
+        // its projection keeps the f32 weights too.
+        assert_eq!(
+            names(&dec),
+            BTreeSet::from(["gate_proj".into(), "up_proj".into()])
         );
 
         let d = rel_diff(&dec, &unmerged);
         assert!(d > 1e-6 && d < 0.03, "{arch:?}: unmerged adapter, {d}");
 
-        // Merging re-makes the copies from the merged weights.
+        // Merging makes the copies from the merged weights.
         let mut merged = unmerged.clone();
         for l in dec.linears_mut().chain(merged.linears_mut()) {
             l.merge().unwrap();
         }
+        let quantized = names(&dec);
+        assert!(quantized.contains("q_proj"), "{quantized:?}");
+        assert!(!quantized.contains("down_proj"), "{quantized:?}");
         let d = rel_diff(&dec, &merged);
         assert!(d > 1e-6 && d < 0.03, "{arch:?}: merged adapter, {d}");
+        // Merged weights are detached from the pair's variables, so the
+        // router's hidden states carry no backward graph, which would keep
+        // its steps off the copies (they have no backward pass).
+        let t = Tensor::new(&[[seq[0]]], &Device::Cpu).unwrap();
+        let h = dec
+            .forward_hidden(&t, &dense_batch(1, 0, 1), None, Mode::Infer)
+            .unwrap();
+        assert!(!h.track_op(), "{arch:?}");
 
         // Without the adapter the copies hold the base weights again.
         dec.clear_adapter().unwrap();

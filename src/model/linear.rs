@@ -120,7 +120,8 @@ impl Lora {
 /// adapter is merged for inference, so that swapping adapters never has to
 /// undo a merge (which would drift in bf16). `q8` is an optional Q8_0 copy
 /// of whichever of the two is in use, for CPU inference steps of a few rows
-/// (see [`Q8_MAX_ROWS`]); it follows every merge and adapter change.
+/// (see [`Q8_MAX_ROWS`]); it follows every merge and adapter change, and
+/// there is none while an unmerged (trainable) pair is attached.
 #[derive(Debug, Clone)]
 pub struct Linear {
     /// Module path in Hugging Face naming, e.g. `model.layers.3.self_attn.q_proj`.
@@ -161,12 +162,21 @@ pub(crate) fn q8_copy(w: &Tensor) -> candle_core::Result<Option<QMatMul>> {
 }
 
 /// `x Wᵀ` through `q8` when the step has at most `max_rows` rows, else `None`.
+///
+/// Also `None` when `x` is part of a gradient graph (it derives from a
+/// training variable): candle runs the Q8_0 product as an op without a
+/// backward pass, so taking it there would silently cut every gradient
+/// that flows through `x`. This is the one gate for the projections and
+/// the output head alike, whatever mode or caller.
 pub(crate) fn q8_forward(
     q8: Option<&QMatMul>,
     x: &Tensor,
     max_rows: usize,
 ) -> candle_core::Result<Option<Tensor>> {
     let Some(q8) = q8 else { return Ok(None) };
+    if x.track_op() {
+        return Ok(None);
+    }
     let features = x.dims().last().copied().unwrap_or(1).max(1);
     if x.elem_count() / features > max_rows || x.dtype() != DType::F32 {
         return Ok(None);
@@ -224,7 +234,8 @@ impl Linear {
     }
 
     /// Keeps (or drops) a Q8_0 copy of the weight in use for CPU inference
-    /// steps of at most [`Q8_MAX_ROWS`] rows. Training never reads it.
+    /// steps of at most [`Q8_MAX_ROWS`] rows. Training never reads it: no
+    /// copy is made while an unmerged pair is attached (see `refresh_q8`).
     pub fn set_quantized(&mut self, on: bool) -> candle_core::Result<()> {
         self.quantize = on;
         self.refresh_q8()
@@ -235,9 +246,14 @@ impl Linear {
         self.q8.is_some()
     }
 
+    /// Re-makes the Q8_0 copy of the weight in use. An unmerged pair is a
+    /// trainable one (the trainer attaches its variables unmerged; the
+    /// router always merges): its projection keeps the f32 path, which
+    /// records gradients, and costs no copy until it is merged.
     fn refresh_q8(&mut self) -> candle_core::Result<()> {
         self.q8 = None;
-        if self.quantize {
+        let trainable = self.lora.is_some() && self.merged.is_none();
+        if self.quantize && !trainable {
             self.q8 = q8_copy(self.merged.as_ref().unwrap_or(&self.weight))?;
         }
         Ok(())
@@ -256,11 +272,14 @@ impl Linear {
         self.adapt(lora, true)
     }
 
-    /// `W + s·BA` in the weight's dtype.
+    /// `W + s·BA` in the weight's dtype, detached from the pair's
+    /// variables: a merged weight serves inference only, and attached it
+    /// would make every activation after it record a backward graph (which
+    /// also keeps those steps off the Q8_0 copies, see [`q8_forward`]).
     fn merged_weight(&self, lora: &Lora) -> candle_core::Result<Tensor> {
         let w = self.weight.to_dtype(DType::F32)?;
         let delta = lora.delta()?.to_device(w.device())?;
-        (w + delta)?.to_dtype(self.weight.dtype())
+        Ok((w + delta)?.to_dtype(self.weight.dtype())?.detach())
     }
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {

@@ -468,7 +468,9 @@ impl Decoder {
         self.norm.forward(&h, mode)
     }
 
-    /// Output logits (f32) for hidden states `[N, hidden]`.
+    /// Output logits (f32) for hidden states `[N, hidden]`. Hidden states
+    /// that carry gradients (a training step) never take the head's Q8_0
+    /// copy, which has no backward pass.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
         let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let logits = match q8_forward(self.head_q8.as_ref(), hidden, Q8_HEAD_MAX_ROWS)? {
@@ -547,10 +549,12 @@ impl Decoder {
     /// head for inference steps of a few rows (`Q8_MAX_ROWS`,
     /// `Q8_HEAD_MAX_ROWS`): decode steps, short messages and each
     /// decision's head, which are memory-bound and read a quarter of the
-    /// bytes in Q8_0. Longer prefills keep the f32 weights; training never
-    /// reads the copies. A no-op on other devices. The copies follow
-    /// adapter changes. Gemma's GGUF stores the head as Q8_0, so its copy
-    /// holds exactly the file's values.
+    /// bytes in Q8_0. Longer prefills keep the f32 weights. Training never
+    /// reads the copies: a projection with an unmerged (trainable) pair has
+    /// none, and hidden states that carry gradients skip the head's (see
+    /// `q8_forward`); the trainer loads without them anyway. A no-op on
+    /// other devices. The copies follow adapter changes. Gemma's GGUF
+    /// stores the head as Q8_0, so its copy holds exactly the file's values.
     pub fn set_cpu_quantized(&mut self, on: bool) -> candle_core::Result<()> {
         let on = on && self.device.is_cpu();
         for l in self.linears_mut() {

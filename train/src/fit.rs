@@ -513,6 +513,9 @@ pub fn run(model: &router::cli::ModelArgs, args: FitArgs) -> Result<PathBuf> {
     };
     train_loop(&ctx, &mut router, &mut opt, &mut run, first_step)?;
     let run_dir = finish_run(&router, &lora_cfg, run, started)?;
+    // Trained on the weights alone; the evaluations below route as the bot
+    // does, so they take its CPU weights (`--cpu-weights`) from here.
+    model.apply_cpu_weights(&mut router.base_mut().decoder)?;
     record_threshold(&mut router, &args, &data.val, &run_dir)?;
     evaluate_and_promote(&mut router, &args, &data.test, &run_dir, started)?;
     Ok(run_dir)
@@ -613,13 +616,14 @@ struct Sets {
     val: Vec<Tokenized>,
 }
 
-/// Loads the base model (no adapter) and tokenizes the rows with its format.
+/// Loads the base model (no adapter, no Q8_0 copies: training never reads
+/// them) and tokenizes the rows with its format.
 fn load_model(
     model: &router::cli::ModelArgs,
     args: &FitArgs,
     data: &Data,
 ) -> Result<(Router, Sets)> {
-    let router = model.load_router_bare(RouterConfig::default())?;
+    let router = Router::new(model.load_base_for_training()?, RouterConfig::default())?;
     let format = router.base().format.clone();
     let (max_len, chat) = (args.max_len, args.chat_answer_tokens);
     let train = tokenize(&format, &data.train, max_len, chat)?;
@@ -1073,6 +1077,44 @@ mod tests {
             let scale = common::max_abs(y);
             assert!(scale > 0.0);
             assert!(common::max_diff(x, y) < 1e-4 * scale.max(1.0));
+        }
+    }
+
+    /// Regression: with CPU Q8_0 copies on, a step of at most
+    /// `Q8_HEAD_MAX_ROWS` answer tokens took the output head's Q8_0 path,
+    /// which records no backward, so no LoRA variable got a gradient ("no
+    /// gradient for LoRA variable 0" on the CPU only).
+    #[test]
+    fn a_short_step_with_cpu_q8_copies_gives_every_lora_variable_a_gradient() {
+        use router::model::Architecture;
+        let cfg = common::tiny_config(Architecture::Gemma3);
+        let mut dec = common::random_decoder(&cfg, 7, &Device::Cpu);
+        dec.set_cpu_quantized(true).unwrap();
+        assert!(dec.is_cpu_quantized());
+        lora::init(
+            &mut dec,
+            &LoraConfig::new(4, 8.0, 0.0, &["q_proj", "v_proj"]),
+            3,
+        )
+        .unwrap();
+        // B starts at zero, which leaves A without a gradient: set them all.
+        for var in dec.lora_vars() {
+            let shape = var.as_tensor().shape().clone();
+            var.set(&Tensor::full(0.1f32, shape, &Device::Cpu).unwrap())
+                .unwrap();
+        }
+        // Six tokens, two of them answers: fewer rows than either Q8 bound.
+        let rows = [row(&[], &[5, 9, 14, 20, 33, 41], 4)];
+        let refs: Vec<&Tokenized> = rows.iter().collect();
+        let dropout = Dropout::new(&Device::Cpu, 0).unwrap();
+        let (loss, n) = batch_loss(&dec, &refs, 1.0, Mode::Train(&dropout), true).unwrap();
+        assert_eq!(n, 2);
+        let grads = loss.backward().unwrap();
+        for (i, var) in dec.lora_vars().iter().enumerate() {
+            let g = grads
+                .get(var)
+                .unwrap_or_else(|| panic!("no gradient for LoRA variable {i}"));
+            assert!(common::max_abs(g) > 0.0, "variable {i}: zero gradient");
         }
     }
 

@@ -56,17 +56,25 @@ impl Setup {
         self.dir.path().join(p)
     }
 
-    fn train(&self, extra: &[&str]) -> Output {
+    /// `train` on the CPU with this setup's files and the bot's default
+    /// CPU weights, without a recipe.
+    fn command(&self) -> Command {
         let mut c = Command::new(env!("CARGO_BIN_EXE_train"));
         c.env("ROUTER_DEVICE", "cpu")
             .env("RUST_LOG", "warn")
-            .env_remove("ROUTER_ADAPTER");
+            .env_remove("ROUTER_ADAPTER")
+            .env_remove("ROUTER_CPU_WEIGHTS");
         c.args(["--base-model", TINY]);
         c.arg("--train-file").arg(self.path("train.jsonl"));
         c.arg("--feedback").arg(self.path("feedback.jsonl"));
         c.arg("--test-file").arg(self.path("test.jsonl"));
         c.arg("--out-dir").arg(self.path("adapters"));
         c.arg("--current").arg(self.path("current"));
+        c
+    }
+
+    fn train(&self, extra: &[&str]) -> Output {
+        let mut c = self.command();
         c.args([
             "--lora-r",
             "4",
@@ -199,6 +207,35 @@ fn feedback_training_promotion_and_eval() {
         v1.clone()
     };
     assert_eq!(target, std::fs::canonicalize(expect).unwrap());
+}
+
+/// Regression: with the default Q8_0 copies on the CPU (`--cpu-weights
+/// q8`), a step of a few answer tokens went through the output head's copy,
+/// which has no backward pass, and the run stopped at "no gradient for LoRA
+/// variable 0".
+#[test]
+fn cpu_training_with_the_default_cpu_weights_learns_from_short_answers() {
+    let s = Setup::new();
+    // One row per micro-batch, chat answers cut to two answer tokens: two
+    // steps of four micro-batches cover all seven training rows.
+    let out = s
+        .command()
+        .args(["--name", "short", "--no-promote", "--lora-r", "4"])
+        .args(["--batch-size", "1", "--grad-accum", "4", "--max-steps", "2"])
+        .args(["--chat-answer-tokens", "2", "--eval-batch", "4"])
+        .output()
+        .unwrap();
+    ok(&out);
+    let log = std::fs::read_to_string(s.path("adapters/short/training_log.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = log
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "{log}");
+    for line in &lines {
+        let grad_norm = line["grad_norm"].as_f64().unwrap();
+        assert!(grad_norm.is_finite() && grad_norm > 0.0, "{line}");
+    }
 }
 
 #[test]
