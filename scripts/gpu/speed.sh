@@ -25,7 +25,7 @@
 # (batch-1 messages of the slow methods), TRAIN_STEPS, WORK (exports: 0.5 GB
 # and 2 GB on cuda), OUT (results: env.txt, ours_*.json, hf_*.json,
 # train_*, table.md). TRAIN_AB=1 also times the 270M recipe with
-# --no-shared-prefix (train_270m-whole.*).
+# --shared-prefix on (train_270m-shared.*; off is the default on a GPU).
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/out}
@@ -34,7 +34,7 @@ BOT=${BOT:-bot}
 TRAIN=${TRAIN:-train}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-model/gemma-3-270m-q4_k_m.gguf}
-ADAPTER=${ADAPTER:-model/adapters/gemma3-270m-nat-mlp-r16e3}
+ADAPTER=${ADAPTER:-model/adapters/gemma3-270m-nat3-mlp-r16e3}
 HERE=$(cd "$(dirname "$0")" && pwd)
 export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
 if [[ $DEVICE == cuda ]]; then
@@ -130,8 +130,8 @@ if has train; then
   stamp "train: ours, 270M, shipped recipe, $TRAIN_STEPS steps"
   train_run 270m "$MODEL"
   if [[ ${TRAIN_AB:-0} == 1 ]]; then
-    stamp "train: ours, 270M, whole rows (--no-shared-prefix), $TRAIN_STEPS steps"
-    train_run 270m-whole "$MODEL" --no-shared-prefix
+    stamp "train: ours, 270M, the shared prefix once per batch (--shared-prefix on), $TRAIN_STEPS steps"
+    train_run 270m-shared "$MODEL" --shared-prefix on
   fi
   if [[ -d $WORK/hf1b ]]; then
     stamp "train: ours, 1B shape, shipped recipe, $TRAIN_STEPS steps"
