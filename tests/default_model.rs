@@ -284,7 +284,7 @@ fn shipped_adapter_matches_python_peft() {
 fn prompt_lookup_drafts_write_what_one_token_per_step_writes() {
     let mut base = model::load(MODEL, &Device::Cpu).unwrap();
     let adapter = router::lora::Adapter::load(std::path::Path::new(
-        "model/adapters/gemma3-270m-nat-mlp-r16e3",
+        "model/adapters/gemma3-270m-nat3-mlp-r16e3",
     ))
     .unwrap();
     adapter.apply(&mut base.decoder, true).unwrap();

@@ -1106,7 +1106,7 @@ mod tests {
 
     #[test]
     fn edit_check_on_rows_the_shipped_adapter_answered() {
-        // Four edits of the natural test file as gemma3-270m-nat-mlp-r16e3 answered
+        // Four edits of the natural test file as the adapter shipped before, gemma3-270m-nat-mlp-r16e3, answered
         // them (train eval --predictions, CPU).
         let preds: Vec<Prediction> =
             include_str!("../tests/fixtures/shipped_edit_predictions.jsonl")
