@@ -81,11 +81,11 @@ pub struct RouterConfig {
     /// after the latest match of the reply's last tokens, checked in one
     /// step (0: one token per step). Greedy checking keeps the output
     /// what one token per step writes; image prompts mostly copy the user's
-    /// words, so most drafts are accepted. `None`: 6, except on a CPU with
-    /// Q8_0 copies (`Decoder::set_cpu_quantized`), where a one-token step
-    /// is so much cheaper than a longer one that drafts save nothing (dev
-    /// CPU, per image call: 602 ms without against 780 ms with 6 in one
-    /// run, level at 560-620 ms in two later ones).
+    /// words, so most drafts are accepted. `None`: 6. On the GPU a step of
+    /// 7 tokens costs what one does; on the CPU the head's Q8_0 copy reads
+    /// its weights once for all the rows of a step (`model::q8`), so drafts
+    /// pay there too (dev CPU, per image call: 481 ms with 6 against
+    /// 581-731 ms without).
     pub draft_tokens: Option<usize>,
     /// Messages longer than twice this many tokens are read this many
     /// tokens at a time ([`Router::begin_long`]), so that the engine can
@@ -401,10 +401,7 @@ impl Router {
 
     /// Draft tokens per step ([`RouterConfig::draft_tokens`]).
     pub fn draft_tokens(&self) -> usize {
-        let quantized = self.base.decoder.is_cpu_quantized();
-        self.config
-            .draft_tokens
-            .unwrap_or(if quantized { 0 } else { 6 })
+        self.config.draft_tokens.unwrap_or(6)
     }
 
     /// Whether a message of `input_tokens` ids (see [`Router::input_ids`])

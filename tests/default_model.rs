@@ -311,4 +311,13 @@ fn prompt_lookup_drafts_write_what_one_token_per_step_writes() {
             "{t}"
         );
     }
+    // With the CPU's Q8_0 copies (the bot's default there) a message's
+    // draft steps take the same kernels as its one-token steps.
+    router.base_mut().decoder.set_cpu_quantized(true).unwrap();
+    for t in texts {
+        router.config.draft_tokens = Some(0);
+        let plain = router.route(t).unwrap();
+        router.config.draft_tokens = Some(6);
+        assert_eq!(router.route(t).unwrap(), plain, "{t}");
+    }
 }

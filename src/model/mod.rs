@@ -2,8 +2,8 @@
 //! file, a Hugging Face directory (safetensors) or a hub id.
 //!
 //! Inside, imports run one way: `transformer` (the decoder) uses `linear`
-//! (projections and their LoRA runtime), `cache` (batches, KV cache,
-//! masks) and `config`, which asks `family` through the architecture files
+//! (projections and their LoRA runtime; `q8`, their Q8_0 copies for CPU
+//! steps of a few rows), `cache` (batches, KV cache, masks) and `config`, which asks `family` through the architecture files
 //! (`gemma3`, `llama`); `gguf` reads files for all of them.
 
 mod cache;
@@ -13,6 +13,7 @@ mod gemma3;
 pub mod gguf;
 mod linear;
 mod llama;
+pub mod q8;
 mod transformer;
 
 use std::path::{Path, PathBuf};

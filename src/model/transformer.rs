@@ -12,14 +12,14 @@
 //! The blocks are private: callers change adapters through the verbs of
 //! [`Decoder`] and [`Linear`], never by editing fields.
 
-use candle_core::quantized::QMatMul;
+use super::q8::Q8Matrix;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::cache::{build_mask, Batch, Cache};
 use super::config::{ModelConfig, RopeScaling};
 use super::family::{Activation, Family};
 use super::linear::{
-    frozen_matmul_t, linear, q8_copy, q8_forward, Linear, Lora, Mode, Q8_HEAD_MAX_ROWS,
+    frozen_matmul_t, linear, q8_forward, q8_head_copy, Linear, Lora, Mode, Q8_HEAD_MAX_ROWS,
 };
 
 /// Root-mean-square norm. `alpha` is the effective multiplier in f32 (Gemma's
@@ -205,7 +205,7 @@ pub struct Decoder {
     lm_head: Option<Tensor>,
     /// Q8_0 copy of the head for CPU steps of a few rows (see
     /// [`Decoder::set_cpu_quantized`]).
-    head_q8: Option<QMatMul>,
+    head_q8: Option<Q8Matrix>,
     activation: Activation,
     rotary_global: Rotary,
     rotary_local: Rotary,
@@ -562,7 +562,7 @@ impl Decoder {
         }
         self.head_q8 = None;
         if on {
-            self.head_q8 = q8_copy(self.lm_head.as_ref().unwrap_or(&self.embed_tokens))?;
+            self.head_q8 = q8_head_copy(self.lm_head.as_ref().unwrap_or(&self.embed_tokens))?;
         }
         Ok(())
     }
