@@ -145,8 +145,10 @@ pub struct Linear {
 /// f32; from about 16 rows candle's f32 gemm is faster (BENCHMARKS.md).
 pub const Q8_MAX_ROWS: usize = 12;
 
-/// The same bound for the output head (262k rows for Gemma): 17 ms against
-/// 39 ms at one row, level at about 6 rows.
+/// The same bound for the output head (262k rows for Gemma), whose copy is
+/// a [`Q8Matrix`]: on the dev CPU 17-18 ms against 45-69 ms in f32 at one
+/// row, 125 against 167 ms at 25, level between 32 and 64 rows
+/// (`examples/step_widths`).
 pub const Q8_HEAD_MAX_ROWS: usize = 32;
 
 /// A Q8_0 copy of `w` (`[out, in]`, f32 on the CPU), or `None` where Q8_0
