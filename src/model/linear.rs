@@ -132,7 +132,7 @@ pub struct Linear {
     merged: Option<Tensor>,
     lora: Option<Lora>,
     quantize: bool,
-    q8: Option<QMatMul>,
+    q8: Option<Q8Copy>,
 }
 
 /// CPU inference steps of at most this many rows use the projections' Q8_0
@@ -140,10 +140,11 @@ pub struct Linear {
 ///
 /// A step of a few rows is close to a matrix-vector product: it reads every
 /// weight for a few multiply-adds, so memory bandwidth sets its speed, and
-/// Q8_0 reads a quarter of f32's bytes. On the dev CPU (2 cores) a decode
-/// step's 18 layers of Gemma-3-270M take 16-20 ms in Q8_0 against 54 ms in
-/// f32; from about 16 rows candle's f32 gemm is faster (BENCHMARKS.md).
-pub const Q8_MAX_ROWS: usize = 12;
+/// Q8_0 reads a quarter of f32's bytes. On the dev CPU (2 cores) the 18
+/// layers of Gemma-3-270M take, in Q8_0 against f32: 32 against 56 ms for
+/// one row, 53 against 103 for 7 (a step with drafts), 111 against 132 for
+/// 16; level at about 25 rows (`examples/step_widths`, BENCHMARKS.md).
+pub const Q8_MAX_ROWS: usize = 16;
 
 /// The same bound for the output head (262k rows for Gemma), whose copy is
 /// a [`Q8Matrix`]: on the dev CPU 17-18 ms against 45-69 ms in f32 at one
@@ -151,19 +152,34 @@ pub const Q8_MAX_ROWS: usize = 12;
 /// (`examples/step_widths`).
 pub const Q8_HEAD_MAX_ROWS: usize = 32;
 
+/// A projection's Q8_0 copy, in whichever product is faster for its shape
+/// (`examples/q8_matmul`): ours for short rows, where candle's kernel
+/// spends its time per output and reads the weight once per input row;
+/// candle's for long rows and few outputs (Gemma-3-270M's `o_proj` and
+/// `down_proj`), where its four-column kernel is several times faster.
+#[derive(Debug, Clone)]
+pub(crate) enum Q8Copy {
+    Candle(QMatMul),
+    Ours(Q8Matrix),
+}
+
+/// Weights with rows of at most this many values take [`Q8Matrix`].
+const SHORT_ROWS: usize = 640;
+
 /// A Q8_0 copy of `w` (`[out, in]`, f32 on the CPU), or `None` where Q8_0
 /// does not apply (another device, or rows not a whole number of blocks).
-/// candle's product: the fastest for the projections' single rows, their
-/// common case (decode steps).
-pub(crate) fn q8_copy(w: &Tensor) -> candle_core::Result<Option<QMatMul>> {
+pub(crate) fn q8_copy(w: &Tensor) -> candle_core::Result<Option<Q8Copy>> {
     if !q8_applies(w)? {
         return Ok(None);
     }
+    let (_, inp) = w.dims2()?;
+    if inp <= SHORT_ROWS {
+        return Ok(Some(Q8Copy::Ours(Q8Matrix::quantize(w)?)));
+    }
     let w = w.to_dtype(DType::F32)?;
-    Ok(Some(QMatMul::from_qtensor(QTensor::quantize(
-        &w,
-        GgmlDType::Q8_0,
-    )?)?))
+    Ok(Some(Q8Copy::Candle(QMatMul::from_qtensor(
+        QTensor::quantize(&w, GgmlDType::Q8_0)?,
+    )?)))
 }
 
 /// The same for the output head, as a [`Q8Matrix`]: it reads the head's
@@ -196,6 +212,15 @@ impl Q8Product for QMatMul {
 impl Q8Product for Q8Matrix {
     fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         self.matmul(x)
+    }
+}
+
+impl Q8Product for Q8Copy {
+    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Q8Copy::Candle(q) => q.product(x),
+            Q8Copy::Ours(q) => q.product(x),
+        }
     }
 }
 
