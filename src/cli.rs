@@ -218,12 +218,15 @@ pub fn run_main(run: impl FnOnce() -> anyhow::Result<()>) -> std::process::ExitC
     }
 }
 
-/// Logging to stderr, filtered by `RUST_LOG` (default `info`).
+/// Logging to stderr, filtered by `RUST_LOG` (default `info`); colours
+/// only on a terminal, so that logs sent to a file or journal stay plain.
 pub fn init_tracing() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .try_init();
 }

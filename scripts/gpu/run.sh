@@ -61,7 +61,8 @@ fi
 train_one() {
   local name=$1 flags=$2
   stamp "train $name ($flags)"
-  timeout "${TRAIN_TIMEOUT:-420}" train --device cuda --no-adapter --out-dir "$ADAPTERS" --name "gemma3-270m-$name" \
+  # Info-level logs time each phase after training (threshold, evaluation).
+  RUST_LOG=${TRAIN_LOG:-info} timeout "${TRAIN_TIMEOUT:-420}" train --device cuda --no-adapter --out-dir "$ADAPTERS" --name "gemma3-270m-$name" \
     --current "$ADAPTERS/current-$name" --no-promote --save-every 0 ${flags//,/ } > "$OUT/train_$name.txt" 2>&1 \
     && stamp "train $name done" || stamp "train $name failed"
 }

@@ -919,6 +919,10 @@ fn record_threshold(
         return Ok(());
     }
     router.set_adapter(Some(&Adapter::load(run_dir)?))?;
+    tracing::info!(
+        rows = val_rows.len(),
+        "choosing the call threshold on the validation split"
+    );
     let report = evaluate(router, val_rows, args.eval_batch)?;
     let curve = crate::eval::pr_curve(&report.predictions);
     let Some(threshold) = crate::eval::choose_threshold(&curve, args.threshold_min_precision)
@@ -961,6 +965,7 @@ fn evaluate_and_promote(
     router.set_adapter(Some(&new_adapter))?;
     let mut new_reports = Vec::new();
     for (file, rows) in tests {
+        tracing::info!(file = %file.display(), rows = rows.len(), "evaluating the new adapter");
         let r = evaluate(router, rows, args.eval_batch)?;
         println!("new adapter on {}:", file.display());
         print_report(&r, &mut std::io::stdout())?;
