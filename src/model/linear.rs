@@ -182,15 +182,16 @@ pub(crate) fn q8_copy(w: &Tensor) -> candle_core::Result<Option<Q8Copy>> {
     )?)))
 }
 
-/// The same for the output head, as a [`Q8Matrix`]: it reads the head's
-/// 262k rows once for all the rows of a step, where candle's product reads
-/// them once per row (7 rows: 36-44 ms against 99-113 ms on the dev CPU),
-/// which makes the head of a step with prompt-lookup drafts affordable.
-pub(crate) fn q8_head_copy(w: &Tensor) -> candle_core::Result<Option<Q8Matrix>> {
+/// The same for the output head, always a [`Q8Matrix`]: it reads the
+/// head's 262k rows once for all the rows of a step, where candle's product
+/// reads them once per row (7 rows: 36-44 ms against 99-113 ms on the dev
+/// CPU), which makes the head of a step with prompt-lookup drafts
+/// affordable.
+pub(crate) fn q8_head_copy(w: &Tensor) -> candle_core::Result<Option<Q8Copy>> {
     if !q8_applies(w)? {
         return Ok(None);
     }
-    Q8Matrix::quantize(w).map(Some)
+    Ok(Some(Q8Copy::Ours(Q8Matrix::quantize(w)?)))
 }
 
 fn q8_applies(w: &Tensor) -> candle_core::Result<bool> {
@@ -198,28 +199,12 @@ fn q8_applies(w: &Tensor) -> candle_core::Result<bool> {
     Ok(w.device().is_cpu() && inp % GgmlDType::Q8_0.block_size() == 0)
 }
 
-/// A matrix product by a Q8_0 copy: candle's or ours.
-pub(crate) trait Q8Product {
-    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor>;
-}
-
-impl Q8Product for QMatMul {
-    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward(&x.contiguous()?)
-    }
-}
-
-impl Q8Product for Q8Matrix {
-    fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.matmul(x)
-    }
-}
-
-impl Q8Product for Q8Copy {
+impl Q8Copy {
+    /// `x Wᵀ` for an f32 `x` on the CPU.
     fn product(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
-            Q8Copy::Candle(q) => q.product(x),
-            Q8Copy::Ours(q) => q.product(x),
+            Q8Copy::Candle(q) => q.forward(&x.contiguous()?),
+            Q8Copy::Ours(q) => q.matmul(x),
         }
     }
 }
@@ -231,8 +216,8 @@ impl Q8Product for Q8Copy {
 /// backward pass, so taking it there would silently cut every gradient
 /// that flows through `x`. This is the one gate for the projections and
 /// the output head alike, whatever mode or caller.
-pub(crate) fn q8_forward<M: Q8Product>(
-    q8: Option<&M>,
+pub(crate) fn q8_forward(
+    q8: Option<&Q8Copy>,
     x: &Tensor,
     max_rows: usize,
 ) -> candle_core::Result<Option<Tensor>> {

@@ -2,9 +2,10 @@
 //! file, a Hugging Face directory (safetensors) or a hub id.
 //!
 //! Inside, imports run one way: `transformer` (the decoder) uses `linear`
-//! (projections and their LoRA runtime; `q8`, their Q8_0 copies for CPU
-//! steps of a few rows), `cache` (batches, KV cache, masks) and `config`, which asks `family` through the architecture files
-//! (`gemma3`, `llama`); `gguf` reads files for all of them.
+//! (projections and their LoRA runtime, with `q8` for their Q8_0 copies on
+//! the CPU), `cache` (batches, KV cache, masks) and `config`, which asks
+//! `family` through the architecture files (`gemma3`, `llama`); `gguf`
+//! reads files for all of them.
 
 mod cache;
 pub mod config;

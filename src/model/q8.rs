@@ -321,20 +321,14 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rng::SplitMix64;
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::Module;
 
     fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+        let mut rng = SplitMix64(seed);
         let v: Vec<f32> = (0..rows * cols)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
+            .map(|_| rng.next_f64() as f32 - 0.5)
             .collect();
         Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
     }

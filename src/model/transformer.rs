@@ -12,14 +12,13 @@
 //! The blocks are private: callers change adapters through the verbs of
 //! [`Decoder`] and [`Linear`], never by editing fields.
 
-use super::q8::Q8Matrix;
 use candle_core::{DType, Device, Module, Tensor, D};
 
 use super::cache::{build_mask, Batch, Cache};
 use super::config::{ModelConfig, RopeScaling};
 use super::family::{Activation, Family};
 use super::linear::{
-    frozen_matmul_t, linear, q8_forward, q8_head_copy, Linear, Lora, Mode, Q8_HEAD_MAX_ROWS,
+    frozen_matmul_t, linear, q8_forward, q8_head_copy, Linear, Lora, Mode, Q8Copy, Q8_HEAD_MAX_ROWS,
 };
 
 /// Root-mean-square norm. `alpha` is the effective multiplier in f32 (Gemma's
@@ -205,7 +204,7 @@ pub struct Decoder {
     lm_head: Option<Tensor>,
     /// Q8_0 copy of the head for CPU steps of a few rows (see
     /// [`Decoder::set_cpu_quantized`]).
-    head_q8: Option<Q8Matrix>,
+    head_q8: Option<Q8Copy>,
     activation: Activation,
     rotary_global: Rotary,
     rotary_local: Rotary,
