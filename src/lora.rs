@@ -297,12 +297,16 @@ impl Adapter {
             })
             .collect();
         // Merging (and making Q8_0 copies) is plain CPU work per projection:
-        // on the CPU, spread it over the threads.
-        let threads = if dev.is_cpu() {
-            candle_core::utils::get_num_threads().max(1)
-        } else {
-            1
-        };
+        // on the CPU, spread it over the threads. Other devices merge on the
+        // calling thread: a CUDA context is bound to the thread that uses it,
+        // and a fresh thread fails with "invalid device context".
+        if !dev.is_cpu() {
+            return work
+                .iter_mut()
+                .try_for_each(|(linear, lora)| linear.adapt(lora.take(), merge))
+                .map_err(Error::from);
+        }
+        let threads = candle_core::utils::get_num_threads().max(1);
         let per_thread = work.len().div_ceil(threads).max(1);
         std::thread::scope(|scope| {
             let workers: Vec<_> = work

@@ -1,12 +1,16 @@
 //! What a forward pass appends and what it attends to: ragged batches
 //! ([`Batch`]: per-row positions, `None` for padding), the key/value cache of
-//! a batch ([`Cache`]), and the attention masks derived from both.
+//! a batch ([`Cache`], growing; [`StaticCache`], preallocated), the device
+//! buffers of a replayable step ([`StepInputs`]), and the attention masks
+//! derived from them.
 //!
 //! Masks are derived from positions only, so left padding, a shared cached
 //! prefix followed by padding, and steps that append a different number of
-//! tokens per row all use the same code.
+//! tokens per row all use the same code, for both kinds of cache.
 
 use candle_core::{DType, Device, Tensor};
+
+use super::config::ModelConfig;
 
 /// Per-row positions of the columns a forward pass appends.
 ///
@@ -90,13 +94,7 @@ impl Cache {
     /// not accepted): their keys and values stay, but nothing attends to
     /// them any more, and their positions can be written again.
     pub fn forget_last(&mut self, row: usize, n: usize) {
-        if let Some(cols) = self.columns.get_mut(row) {
-            cols.iter_mut()
-                .rev()
-                .filter(|c| c.is_some())
-                .take(n)
-                .for_each(|c| *c = None);
-        }
+        forget_last(&mut self.columns, row, n);
     }
 
     /// Repeats a batch-of-one cache (a shared prompt prefix) `n` times.
@@ -109,13 +107,32 @@ impl Cache {
     }
 }
 
+/// Marks the last `n` real columns of `row` as `None` (see
+/// [`Cache::forget_last`]).
+fn forget_last(columns: &mut [Vec<Option<u32>>], row: usize, n: usize) {
+    if let Some(cols) = columns.get_mut(row) {
+        cols.iter_mut()
+            .rev()
+            .filter(|c| c.is_some())
+            .take(n)
+            .for_each(|c| *c = None);
+    }
+}
+
 /// Additive attention mask (0 or -inf) for new columns `batch` after the
 /// cached columns `past`, stacked `rep` times along the query axis for the
-/// query heads that share a kv head: `[B, 1, rep*T, S]`. Built on the host
-/// once per forward pass and uploaded once.
+/// query heads that share a kv head: `[B, 1, rep*T, keys]`. Built on the
+/// host and uploaded once per forward pass.
+///
+/// Key columns are laid out as both caches store them: the `P` cached
+/// columns first, this step's `T` columns at `P..P+T`, then `keys - P - T`
+/// columns nothing attends to. A growing [`Cache`] passes `keys = P + T`;
+/// a [`StaticCache`] passes its capacity, so that its unwritten tail is
+/// masked.
 pub(crate) fn build_mask(
     past: &[Vec<Option<u32>>],
     batch: &Batch,
+    keys: usize,
     window: Option<usize>,
     rep: usize,
     dtype: DType,
@@ -124,7 +141,10 @@ pub(crate) fn build_mask(
     let b = batch.rows.len();
     let t = batch.width();
     let p = past.first().map_or(0, Vec::len);
-    let s = p + t;
+    let s = keys;
+    if s < p + t {
+        candle_core::bail!("a mask over {s} key columns cannot hold {p} cached and {t} new ones");
+    }
     let mut data = vec![f32::NEG_INFINITY; b * t * s];
     for (row, new) in batch.rows.iter().enumerate() {
         let old = past.get(row).map(Vec::as_slice).unwrap_or(&[]);
@@ -157,11 +177,421 @@ pub(crate) fn build_mask(
     Tensor::from_vec(data, (b, 1, rep * t, s), dev)?.to_dtype(dtype)
 }
 
+/// Query heads per kv head (grouped-query attention).
+fn heads_per_kv(cfg: &ModelConfig) -> usize {
+    cfg.num_attention_heads / cfg.num_key_value_heads.max(1)
+}
+
+/// The sliding window of the model's sliding layers, when it has any (only
+/// then does a step need a second mask).
+fn local_window(cfg: &ModelConfig) -> Option<usize> {
+    let sliding = cfg
+        .sliding_layers
+        .iter()
+        .take(cfg.num_hidden_layers)
+        .any(|&s| s);
+    cfg.sliding_window.filter(|_| sliding)
+}
+
+/// A key/value cache allocated once for `capacity` columns and written in
+/// place: the cache of a step that can be captured as a CUDA graph and
+/// replayed ([`Decoder::forward_static`](crate::model::Decoder::forward_static)).
+///
+/// A replayed graph runs the captured kernels on the captured addresses
+/// with the captured shapes, so a replayable step may not allocate its
+/// cache, change its shape or decide anything on the host. Keys and values
+/// are therefore allocated at full capacity, a step writes its columns at
+/// indices it reads from a device buffer ([`StepInputs`]), and attention
+/// covers every column, the unwritten ones masked. The positions of the
+/// cached columns (what masks are built from) stay on the host, as in
+/// [`Cache`], and are advanced by a separate call ([`StaticCache::advance`])
+/// because a replay runs no Rust code.
+///
+/// Per step: [`StepInputs::fill`], the forward pass (eager or replayed),
+/// then [`StaticCache::advance`] with the same batch.
+#[derive(Debug, Clone)]
+pub struct StaticCache {
+    /// Keys and values `[rows, kv_heads, capacity, head_dim]` per layer,
+    /// zeros until written. Never replaced: a captured graph holds their
+    /// addresses.
+    kv: Vec<(Tensor, Tensor)>,
+    /// Position of every written column per row (`None`: padding or
+    /// forgotten); columns from `len()` on are unwritten.
+    columns: Vec<Vec<Option<u32>>>,
+    capacity: usize,
+}
+
+impl StaticCache {
+    /// Zeroed keys and values for a model of shape `cfg`, in `dtype` on
+    /// `dev` (the decoder's: see
+    /// [`Decoder::static_cache`](crate::model::Decoder::static_cache)).
+    pub fn new(
+        cfg: &ModelConfig,
+        rows: usize,
+        capacity: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        if rows == 0 || capacity == 0 {
+            candle_core::bail!(
+                "a static KV cache needs rows and capacity, got {rows} x {capacity}"
+            );
+        }
+        let shape = (rows, cfg.num_key_value_heads, capacity, cfg.head_dim);
+        let kv = (0..cfg.num_hidden_layers)
+            .map(|_| {
+                Ok((
+                    Tensor::zeros(shape, dtype, dev)?,
+                    Tensor::zeros(shape, dtype, dev)?,
+                ))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self {
+            kv,
+            columns: vec![Vec::new(); rows],
+            capacity,
+        })
+    }
+
+    /// Columns written so far (the same for every row).
+    pub fn len(&self) -> usize {
+        self.columns.first().map_or(0, Vec::len)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Columns allocated per row.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    pub fn rows(&self) -> usize {
+        self.columns.len()
+    }
+
+    /// The keys and values `[rows, kv_heads, capacity, head_dim]` of every
+    /// layer, read-only: they must keep their storage for graph replay.
+    pub fn kv(&self) -> &[(Tensor, Tensor)] {
+        &self.kv
+    }
+
+    /// Copies a growing cache of as many rows (a shared prefix, a prefill
+    /// run eagerly) into columns `0..cache.len()`, in place, replacing what
+    /// was cached. Columns after it keep stale values, masked until written.
+    pub fn load(&mut self, cache: &Cache) -> candle_core::Result<()> {
+        let len = cache.len();
+        if len == 0 {
+            self.reset();
+            return Ok(());
+        }
+        if cache.columns.len() != self.rows() {
+            candle_core::bail!(
+                "cannot load a cache of {} rows into a static KV cache of {} rows",
+                cache.columns.len(),
+                self.rows()
+            );
+        }
+        if len > self.capacity {
+            candle_core::bail!(
+                "cannot load {len} cached columns into a static KV cache of capacity {}",
+                self.capacity
+            );
+        }
+        if cache.kv.len() != self.kv.len() {
+            candle_core::bail!(
+                "the cache has {} layers, the static KV cache {}",
+                cache.kv.len(),
+                self.kv.len()
+            );
+        }
+        for (i, (slot, (k, v))) in cache.kv.iter().zip(&self.kv).enumerate() {
+            let Some((ck, cv)) = slot else {
+                candle_core::bail!("layer {i} of the cache has no keys but {len} cached columns");
+            };
+            let (_, heads, _, head_dim) = k.dims4()?;
+            if ck.dims() != [self.rows(), heads, len, head_dim] {
+                candle_core::bail!(
+                    "layer {i} of the cache has keys {:?}, expected [{}, {heads}, {len}, {head_dim}]",
+                    ck.dims(),
+                    self.rows()
+                );
+            }
+            // `slice_set` copies into the existing storage (the tensors
+            // keep their addresses); it needs contiguous sources.
+            k.slice_set(&ck.contiguous()?, 2, 0)?;
+            v.slice_set(&cv.contiguous()?, 2, 0)?;
+        }
+        self.columns = cache.columns.clone();
+        Ok(())
+    }
+
+    /// Same as [`Cache::forget_last`]: the columns stay written (and take
+    /// room) but nothing attends to them any more.
+    pub fn forget_last(&mut self, row: usize, n: usize) {
+        forget_last(&mut self.columns, row, n);
+    }
+
+    /// Empties the cache for a new batch; the buffers stay allocated and
+    /// keep their stale values, masked until written.
+    pub fn reset(&mut self) {
+        self.columns.iter_mut().for_each(Vec::clear);
+    }
+
+    /// Records the columns a step wrote (host bookkeeping only: the keys
+    /// and values were written by the step itself). Call it once after each
+    /// step, with the batch given to [`StepInputs::fill`].
+    pub fn advance(&mut self, batch: &Batch) -> candle_core::Result<()> {
+        self.check_step(batch)?;
+        for (cols, new) in self.columns.iter_mut().zip(&batch.rows) {
+            cols.extend_from_slice(new);
+        }
+        Ok(())
+    }
+
+    /// Errors unless `batch` has this cache's rows, one width, and fits.
+    fn check_step(&self, batch: &Batch) -> candle_core::Result<()> {
+        let t = batch.width();
+        if batch.rows.len() != self.rows() {
+            candle_core::bail!(
+                "a step of {} rows for a static KV cache of {} rows",
+                batch.rows.len(),
+                self.rows()
+            );
+        }
+        if batch.rows.iter().any(|r| r.len() != t) {
+            candle_core::bail!("the rows of a step must all have {t} columns");
+        }
+        let len = self.len();
+        if len + t > self.capacity {
+            candle_core::bail!(
+                "static KV cache capacity exceeded: {len} of {} columns used, a step of {t} needs {}",
+                self.capacity,
+                len + t
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Everything a replayable step reads that changes from step to step, in
+/// device buffers of fixed shape for `rows` B, `width` T and cache
+/// `capacity` C, allocated once.
+///
+/// A captured graph keeps reading the addresses it was captured with, so
+/// each step's values are written into these same buffers
+/// ([`StepInputs::fill`]) instead of new tensors; the buffers are private
+/// so that they cannot be replaced. Build one per (rows, width, capacity)
+/// a graph is captured for.
+#[derive(Debug, Clone)]
+pub struct StepInputs {
+    /// Token ids `[B, T]` u32 (anything, usually 0, at padding).
+    tokens: Tensor,
+    /// Positions `[B, T]` u32, 0 at padding (the rotary tables' input).
+    positions: Tensor,
+    /// Cache columns the step writes its keys and values to, `[T]` u32:
+    /// `len..len+T`.
+    columns: Tensor,
+    /// Mask of global layers `[B, 1, rep*T, C]` in the compute dtype.
+    mask_global: Tensor,
+    /// Mask of sliding layers, same shape; only for models with sliding
+    /// layers and a window.
+    mask_local: Option<Tensor>,
+    /// The window `mask_local` is built for.
+    window: Option<usize>,
+    /// Query heads per kv head (the masks' stacking).
+    rep: usize,
+}
+
+impl StepInputs {
+    /// Zeroed buffers for a model of shape `cfg`, in `dtype` on `dev` (the
+    /// decoder's: see
+    /// [`Decoder::step_inputs`](crate::model::Decoder::step_inputs)).
+    pub fn new(
+        cfg: &ModelConfig,
+        rows: usize,
+        width: usize,
+        capacity: usize,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Self> {
+        if rows == 0 || width == 0 || width > capacity {
+            candle_core::bail!(
+                "step inputs need rows and a width within the capacity, got {rows} x {width} for {capacity}"
+            );
+        }
+        let rep = heads_per_kv(cfg);
+        let window = local_window(cfg);
+        let mask = || Tensor::zeros((rows, 1, rep * width, capacity), dtype, dev);
+        Ok(Self {
+            tokens: Tensor::zeros((rows, width), DType::U32, dev)?,
+            positions: Tensor::zeros((rows, width), DType::U32, dev)?,
+            columns: Tensor::zeros(width, DType::U32, dev)?,
+            mask_global: mask()?,
+            mask_local: window.map(|_| mask()).transpose()?,
+            window,
+            rep,
+        })
+    }
+
+    /// Writes the next step (row-major `tokens`, their `batch` of
+    /// positions, appended after `cache`'s columns) into the buffers, in
+    /// place. Runs on the host and uploads: call it before launching or
+    /// replaying the step, never inside a capture, and outside
+    /// `enable_cuda_graph_htod_cache` (which would keep every step's
+    /// uploads, cached by content).
+    pub fn fill(
+        &mut self,
+        tokens: &[u32],
+        batch: &Batch,
+        cache: &StaticCache,
+    ) -> candle_core::Result<()> {
+        let (b, t, c) = (self.rows(), self.width(), self.capacity());
+        if batch.rows.len() != b || batch.width() != t || tokens.len() != b * t {
+            candle_core::bail!(
+                "step inputs are {b}x{t}, got {} tokens and {}x{} positions",
+                tokens.len(),
+                batch.rows.len(),
+                batch.width()
+            );
+        }
+        if cache.capacity() != c {
+            candle_core::bail!(
+                "step inputs are for a capacity of {c}, the static KV cache has {}",
+                cache.capacity()
+            );
+        }
+        cache.check_step(batch)?;
+        let dev = self.tokens.device().clone();
+        let dtype = self.mask_global.dtype();
+        let len = cache.len() as u32;
+        // `slice_set` at offset 0 copies into the existing storage.
+        self.tokens
+            .slice_set(&Tensor::from_slice(tokens, (b, t), &dev)?, 0, 0)?;
+        self.positions
+            .slice_set(&batch.position_tensor(&dev)?, 0, 0)?;
+        self.columns
+            .slice_set(&Tensor::arange(len, len + t as u32, &dev)?, 0, 0)?;
+        // Masks are cast on the host, so only the compute dtype's bytes go up.
+        let mask = |window| {
+            build_mask(
+                &cache.columns,
+                batch,
+                c,
+                window,
+                self.rep,
+                dtype,
+                &Device::Cpu,
+            )?
+            .to_device(&dev)
+        };
+        self.mask_global.slice_set(&mask(None)?, 0, 0)?;
+        if let Some(local) = &self.mask_local {
+            local.slice_set(&mask(self.window)?, 0, 0)?;
+        }
+        Ok(())
+    }
+
+    pub fn rows(&self) -> usize {
+        self.tokens.dims()[0]
+    }
+
+    /// Columns per row of the step.
+    pub fn width(&self) -> usize {
+        self.tokens.dims()[1]
+    }
+
+    /// Key columns the masks cover (the static cache's capacity).
+    pub fn capacity(&self) -> usize {
+        self.mask_global.dims()[3]
+    }
+
+    /// Token ids `[B, T]` u32.
+    pub fn tokens(&self) -> &Tensor {
+        &self.tokens
+    }
+
+    /// Positions `[B, T]` u32, 0 at padding.
+    pub fn positions(&self) -> &Tensor {
+        &self.positions
+    }
+
+    /// The cache columns written by the step, `[T]` u32.
+    pub fn columns(&self) -> &Tensor {
+        &self.columns
+    }
+
+    /// The global layers' mask `[B, 1, rep*T, C]`.
+    pub fn mask_global(&self) -> &Tensor {
+        &self.mask_global
+    }
+
+    /// The sliding layers' mask, when the model has a window.
+    pub fn mask_local(&self) -> Option<&Tensor> {
+        self.mask_local.as_ref()
+    }
+}
+
 /// One dense batch (no padding) with positions `start..start+len`.
 pub fn dense_batch(rows: usize, start: u32, len: usize) -> Batch {
     Batch {
         rows: (0..rows)
             .map(|_| (0..len as u32).map(|i| Some(start + i)).collect())
             .collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn mask_rows(m: &Tensor) -> Vec<Vec<f32>> {
+        let (b, _, q, s) = m.dims4().unwrap();
+        m.reshape((b * q, s)).unwrap().to_vec2().unwrap()
+    }
+
+    #[test]
+    fn growing_and_static_layouts_share_one_mask() {
+        // Two rows, a padded cached column and a forgotten one, a left-padded
+        // step; window 3 and two query heads per kv head.
+        let past = vec![
+            vec![Some(0), Some(1), Some(2), None],
+            vec![None, Some(0), None, None],
+        ];
+        let batch = Batch {
+            rows: vec![vec![Some(3), Some(4)], vec![None, Some(1)]],
+        };
+        let (p, t, capacity) = (4, 2, 9);
+        for window in [None, Some(3)] {
+            let dev = &Device::Cpu;
+            let grow = build_mask(&past, &batch, p + t, window, 2, DType::F32, dev).unwrap();
+            let fixed = build_mask(&past, &batch, capacity, window, 2, DType::F32, dev).unwrap();
+            assert_eq!(grow.dims(), &[2, 1, 2 * t, p + t]);
+            assert_eq!(fixed.dims(), &[2, 1, 2 * t, capacity]);
+            for (g, f) in mask_rows(&grow).iter().zip(mask_rows(&fixed)) {
+                assert_eq!(g.as_slice(), &f[..p + t]);
+                assert!(f[p + t..].iter().all(|x| *x == f32::NEG_INFINITY));
+            }
+            let rows = mask_rows(&fixed);
+            // Row 1's padding query sees only itself (column p); its real
+            // query sees position 0 (column 1) and itself (column p + 1).
+            let seen =
+                |r: &[f32]| -> Vec<usize> { (0..r.len()).filter(|&j| r[j] == 0.0).collect() };
+            assert_eq!(seen(&rows[4]), vec![p]);
+            assert_eq!(seen(&rows[5]), vec![1, p + 1]);
+            // Row 0, position 4: positions 2..=4 in the window, 0..=4 without.
+            let want = if window.is_some() {
+                vec![2, p, p + 1]
+            } else {
+                vec![0, 1, 2, p, p + 1]
+            };
+            assert_eq!(seen(&rows[1]), want);
+            // Stacked query heads repeat the same rows.
+            assert_eq!(rows[0], rows[2]);
+            assert_eq!(rows[1], rows[3]);
+        }
+        let err = build_mask(&past, &batch, p + t - 1, None, 1, DType::F32, &Device::Cpu);
+        assert!(err.is_err());
     }
 }

@@ -23,7 +23,7 @@ use candle_core::{DType, Device};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
-pub use cache::{dense_batch, Batch, Cache};
+pub use cache::{dense_batch, Batch, Cache, StaticCache, StepInputs};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use family::{Activation, Family};
 pub use linear::{Dropout, Linear, Lora, Mode};

@@ -9,12 +9,19 @@
 //! Batches are ragged ([`Batch`]): every row carries its own token
 //! positions, and masks are derived from them (`cache.rs`).
 //!
+//! Two entry points share the layer loop and the attention code and differ
+//! only in where keys and values go (`Kv`): [`Decoder::forward_hidden`]
+//! (no cache or a growing [`Cache`]; the CPU path and training) and
+//! [`Decoder::forward_static`] (a preallocated [`StaticCache`] written in
+//! place, every per-step input in fixed device buffers: a step that can be
+//! captured as a CUDA graph and replayed).
+//!
 //! The blocks are private: callers change adapters through the verbs of
 //! [`Decoder`] and [`Linear`], never by editing fields.
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use super::cache::{build_mask, Batch, Cache};
+use super::cache::{build_mask, Batch, Cache, StaticCache, StepInputs};
 use super::config::{ModelConfig, RopeScaling};
 use super::family::{Activation, Family};
 use super::linear::{
@@ -155,6 +162,34 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> candle_co
     }
 }
 
+/// Where one layer's new keys and values go, and so which keys it attends
+/// to.
+enum Kv<'a> {
+    /// Nowhere: attention covers this step's columns only (training,
+    /// uncached forwards).
+    None,
+    /// A growing cache slot (`None` before the first step): the step's
+    /// keys and values are concatenated after it, and attention covers
+    /// both.
+    Growing(&'a mut Option<(Tensor, Tensor)>),
+    /// A static cache's keys and values `[B, kv_heads, C, D]`, written in
+    /// place at `index` (the step's cache columns broadcast to the step's
+    /// key shape `[B, kv_heads, T, D]`, contiguous, u32); attention covers
+    /// all `C` columns and the mask hides the unwritten ones.
+    Static {
+        k: &'a Tensor,
+        v: &'a Tensor,
+        index: &'a Tensor,
+    },
+}
+
+/// The masks of one forward pass, per kind of layer (`[B, 1, rep*T, S]`).
+struct Masks<'a> {
+    global: &'a Tensor,
+    /// Sliding layers' mask; `None` when the model has no window.
+    local: Option<&'a Tensor>,
+}
+
 #[derive(Debug, Clone)]
 struct Attention {
     q_proj: Linear,
@@ -221,7 +256,7 @@ impl Attention {
         cfg: &ModelConfig,
         cos_sin: &(Tensor, Tensor),
         mask: &Tensor,
-        cache: Option<&mut Option<(Tensor, Tensor)>>,
+        kv: Kv,
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
@@ -246,8 +281,9 @@ impl Attention {
         let q = apply_rotary(&q, &cos_sin.0, &cos_sin.1, mode)?.transpose(1, 2)?;
         let k = apply_rotary(&k, &cos_sin.0, &cos_sin.1, mode)?.transpose(1, 2)?;
         let v = v.transpose(1, 2)?;
-        let (k, v) = match cache {
-            Some(slot) => {
+        let (k, v) = match kv {
+            Kv::None => (k, v),
+            Kv::Growing(slot) => {
                 let (k, v) = match slot.take() {
                     Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
                     None => (k.contiguous()?, v.contiguous()?),
@@ -255,7 +291,19 @@ impl Attention {
                 *slot = Some((k.clone(), v.clone()));
                 (k, v)
             }
-            None => (k, v),
+            Kv::Static {
+                k: ck,
+                v: cv,
+                index,
+            } => {
+                // The columns come from a device buffer, not from an offset
+                // baked into the launch, so a replayed graph writes each
+                // step where that step's inputs say. Scatter needs
+                // contiguous sources.
+                ck.scatter_set(index, &k.contiguous()?, 2)?;
+                cv.scatter_set(index, &v.contiguous()?, 2)?;
+                (ck.clone(), cv.clone())
+            }
         };
         // Grouped-query attention without copying keys/values: the query
         // heads that share a kv head are stacked along the time axis,
@@ -397,33 +445,20 @@ impl Decoder {
         }
         let dev = &self.device;
         let positions = batch.position_tensor(dev)?;
-        let global = self.rotary_global.tables(&positions, self.dtype)?;
-        let needs_local = self.layers.iter().any(|l| l.sliding);
-        let local = if needs_local {
-            Some(self.rotary_local.tables(&positions, self.dtype)?)
-        } else {
-            None
-        };
         let empty = Vec::new();
         let past = cache.as_ref().map(|c| &c.columns).unwrap_or(&empty);
+        let keys = past.first().map_or(0, Vec::len) + t;
         let rep = self.cfg.num_attention_heads / self.cfg.num_key_value_heads.max(1);
-        let mask_global = build_mask(past, batch, None, rep, self.dtype, dev)?;
-        let mask_local = match (needs_local, self.cfg.sliding_window) {
-            (true, Some(w)) => Some(build_mask(past, batch, Some(w), rep, self.dtype, dev)?),
+        let mask = |window| build_mask(past, batch, keys, window, rep, self.dtype, dev);
+        let mask_global = mask(None)?;
+        let mask_local = match (self.needs_local(), self.cfg.sliding_window) {
+            (true, Some(w)) => Some(mask(Some(w))?),
             _ => None,
         };
-
-        let mut h = self
-            .embed_tokens
-            .embedding(&tokens.flatten_all()?)?
-            .reshape((b, t, ()))?;
-        if let Some(scale) = self.embed_scale {
-            // In the compute dtype, as transformers rounds it.
-            h = h.affine(scale, 0.0)?;
-        }
-        if let Some(c) = cache.as_deref_mut() {
-            c.kv.resize(self.layers.len(), None);
-        }
+        let masks = Masks {
+            global: &mask_global,
+            local: mask_local.as_ref(),
+        };
         // Single-token steps repeat the same shapes every step: on CUDA,
         // reuse the kernels' uploaded dims/strides instead of copying them
         // from the host at every launch. Only small parameter vectors are
@@ -433,13 +468,155 @@ impl Decoder {
             Device::Cuda(d) if t == 1 => Some(d.enable_cuda_graph_htod_cache()),
             _ => None,
         };
+        let h = match cache.as_deref_mut() {
+            Some(c) => {
+                c.kv.resize(self.layers.len(), None);
+                let kv = c.kv.iter_mut().map(Kv::Growing);
+                self.stack(tokens, &positions, &masks, kv, mode)?
+            }
+            None => {
+                let kv = std::iter::repeat_with(|| Kv::None);
+                self.stack(tokens, &positions, &masks, kv, mode)?
+            }
+        };
+        if let Some(c) = cache {
+            for (row, cols) in batch.rows.iter().enumerate() {
+                if c.columns.len() <= row {
+                    c.columns.push(Vec::new());
+                }
+                c.columns[row].extend_from_slice(cols);
+            }
+        }
+        Ok(h)
+    }
+
+    /// One inference step over a [`StaticCache`], reading every per-step
+    /// input from `inputs` (filled beforehand by [`StepInputs::fill`]);
+    /// returns final-normed hidden states `[B, T, hidden]`.
+    ///
+    /// Built to be captured once as a CUDA graph and replayed for later
+    /// steps: nothing here moves data between host and device or reads a
+    /// value on the host (rotary tables come from the positions buffer, the
+    /// new keys and values are scattered into the cache at the columns
+    /// buffer, attention covers the whole capacity under the masks), and
+    /// every shape depends only on (rows, width, capacity), so the same
+    /// kernels on the same addresses serve every step. The host bookkeeping
+    /// is [`StaticCache::advance`], called after each step; the capacity
+    /// check is in [`StepInputs::fill`] (a replay runs neither).
+    ///
+    /// Numerically the same as [`Decoder::forward_hidden`] in
+    /// [`Mode::Infer`] with a growing cache fed the same batches: the extra
+    /// masked columns add exact zeros. On CUDA the kernels' dims/strides
+    /// come from candle's parameter cache, uploaded once by an eager step
+    /// of the same shapes (the warm-up before a capture).
+    pub fn forward_static(
+        &self,
+        inputs: &StepInputs,
+        cache: &StaticCache,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, c) = (inputs.rows(), inputs.width(), inputs.capacity());
+        if cache.rows() != b || cache.capacity() != c {
+            candle_core::bail!(
+                "step inputs are for {b} rows and {c} columns, the static KV cache has {} and {}",
+                cache.rows(),
+                cache.capacity()
+            );
+        }
+        if cache.kv().len() != self.layers.len() {
+            candle_core::bail!(
+                "the static KV cache has {} layers, the model {}",
+                cache.kv().len(),
+                self.layers.len()
+            );
+        }
+        let wants_local = self.needs_local() && self.cfg.sliding_window.is_some();
+        if inputs.mask_local().is_some() != wants_local {
+            candle_core::bail!("the step inputs were built for a model with other sliding layers");
+        }
+        #[cfg(feature = "cuda")]
+        let _launch_params = match &self.device {
+            Device::Cuda(d) => Some(d.enable_cuda_graph_htod_cache()),
+            _ => None,
+        };
+        let (nkv, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
+        // One index serves every layer: scatter wants it shaped like its
+        // source and contiguous.
+        let index = inputs
+            .columns()
+            .reshape((1, 1, t, 1))?
+            .broadcast_as((b, nkv, t, hd))?
+            .contiguous()?;
+        let masks = Masks {
+            global: inputs.mask_global(),
+            local: inputs.mask_local(),
+        };
+        let kv = cache.kv().iter().map(|(k, v)| Kv::Static {
+            k,
+            v,
+            index: &index,
+        });
+        self.stack(inputs.tokens(), inputs.positions(), &masks, kv, Mode::Infer)
+    }
+
+    /// A [`StaticCache`] in this decoder's shapes, dtype and device.
+    pub fn static_cache(&self, rows: usize, capacity: usize) -> candle_core::Result<StaticCache> {
+        StaticCache::new(&self.cfg, rows, capacity, self.dtype, &self.device)
+    }
+
+    /// [`StepInputs`] in this decoder's shapes (heads, window), dtype and
+    /// device.
+    pub fn step_inputs(
+        &self,
+        rows: usize,
+        width: usize,
+        capacity: usize,
+    ) -> candle_core::Result<StepInputs> {
+        StepInputs::new(&self.cfg, rows, width, capacity, self.dtype, &self.device)
+    }
+
+    /// Whether any layer uses the sliding window (and so the local rotary
+    /// tables and, given a window, the local mask).
+    fn needs_local(&self) -> bool {
+        self.layers.iter().any(|l| l.sliding)
+    }
+
+    /// The layer loop both entry points share: embeds `tokens: [B, T]`,
+    /// runs every layer with its rotary tables (computed on the device from
+    /// `positions`), its mask and its key/value slot from `kv` (one per
+    /// layer, in order), and applies the final norm.
+    fn stack<'a>(
+        &self,
+        tokens: &Tensor,
+        positions: &Tensor,
+        masks: &Masks,
+        kv: impl IntoIterator<Item = Kv<'a>>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t) = tokens.dims2()?;
+        let global = self.rotary_global.tables(positions, self.dtype)?;
+        let local = if self.needs_local() {
+            Some(self.rotary_local.tables(positions, self.dtype)?)
+        } else {
+            None
+        };
+        let mut h = self
+            .embed_tokens
+            .embedding(&tokens.flatten_all()?)?
+            .reshape((b, t, ()))?;
+        if let Some(scale) = self.embed_scale {
+            // In the compute dtype, as transformers rounds it.
+            h = h.affine(scale, 0.0)?;
+        }
+        let mut kv = kv.into_iter();
         for (i, layer) in self.layers.iter().enumerate() {
-            let (cs, mask) = match (layer.sliding, &local, &mask_local) {
+            let (cs, mask) = match (layer.sliding, &local, masks.local) {
                 (true, Some(cs), Some(m)) => (cs, m),
-                (true, Some(cs), None) => (cs, &mask_global),
-                _ => (&global, &mask_global),
+                (true, Some(cs), None) => (cs, masks.global),
+                _ => (&global, masks.global),
             };
-            let slot = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            let Some(slot) = kv.next() else {
+                candle_core::bail!("no key/value slot for layer {i}");
+            };
             let residual = &h;
             let x = layer.attn_norm.forward(&h, mode)?;
             let x = layer.attn.forward(&x, &self.cfg, cs, mask, slot, mode)?;
@@ -455,14 +632,6 @@ impl Decoder {
                 None => x,
             };
             h = (h_mid + x)?;
-        }
-        if let Some(c) = cache {
-            for (row, cols) in batch.rows.iter().enumerate() {
-                if c.columns.len() <= row {
-                    c.columns.push(Vec::new());
-                }
-                c.columns[row].extend_from_slice(cols);
-            }
         }
         self.norm.forward(&h, mode)
     }
