@@ -86,6 +86,39 @@ pub struct ModelArgs {
         default_value_t
     )]
     pub cpu_weights: CpuWeights,
+
+    /// auto: decide batches of up to 16 messages with steps replayed from
+    /// CUDA graphs when on CUDA; off: eager steps everywhere; on: the
+    /// replayed steps' static cache on every device (run eagerly on the
+    /// CPU, where it is slower: for checks).
+    #[arg(
+        long,
+        env = "ROUTER_CUDA_GRAPHS",
+        global = true,
+        value_enum,
+        default_value_t
+    )]
+    pub cuda_graphs: Toggle,
+}
+
+/// `auto`, `on` or `off`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum Toggle {
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+impl Toggle {
+    /// `None` for auto, else whether it is on.
+    pub fn forced(self) -> Option<bool> {
+        match self {
+            Toggle::Auto => None,
+            Toggle::On => Some(true),
+            Toggle::Off => Some(false),
+        }
+    }
 }
 
 /// How the CPU holds the weights for inference ([`ModelArgs::cpu_weights`]).
@@ -156,6 +189,7 @@ impl ModelArgs {
     /// Loads base model and adapter into a router.
     pub fn load_router(&self, mut config: RouterConfig) -> Result<Router> {
         config.call_threshold = config.call_threshold.or(self.call_threshold);
+        config.cuda_graphs = config.cuda_graphs.or(self.cuda_graphs.forced());
         let base = self.load_base()?;
         let mut router = Router::new(base, config)?;
         if let Some(path) = self.adapter_path() {

@@ -16,13 +16,14 @@
 //!
 //! The engine thread that serves async callers lives in [`crate::engine`].
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::lora::Adapter;
-use crate::model::{dense_batch, BaseModel, Batch, Cache, Mode};
+use crate::model::{dense_batch, BaseModel, Batch, Cache, GraphStep, Mode, StaticCache};
 use crate::prompt::{parse_reply, progress, Progress, Reply};
 use crate::{Error, Result};
 
@@ -91,6 +92,11 @@ pub struct RouterConfig {
     /// tokens at a time ([`Router::begin_long`]), so that the engine can
     /// decide the short messages that arrive meanwhile between two chunks.
     pub prefill_chunk: usize,
+    /// Decide batches of up to 16 messages with steps replayed from CUDA
+    /// graphs over a preallocated cache ([`GraphStep`]). `None`: on CUDA
+    /// only. `Some(true)` on the CPU runs the same steps eagerly (what the
+    /// tests compare with the growing cache); `Some(false)` never.
+    pub cuda_graphs: Option<bool>,
 }
 
 impl Default for RouterConfig {
@@ -104,6 +110,7 @@ impl Default for RouterConfig {
             call_threshold: None,
             draft_tokens: None,
             prefill_chunk: 128,
+            cuda_graphs: None,
         }
     }
 }
@@ -123,6 +130,46 @@ pub struct Router {
     /// Bumped whenever the weights may change (adapter swaps, `base_mut`),
     /// so that a [`LongPrefill`] begun before cannot be finished after.
     generation: u64,
+    /// Static caches and captured steps, for the weights of one generation
+    /// (a captured graph reads the weights at their addresses).
+    replays: Replays,
+}
+
+/// Batches of up to this many messages are decided with replayed steps.
+const REPLAY_MAX_ROWS: usize = 16;
+/// Messages of up to this many tokens are read by a replayed first step;
+/// first steps are padded to a multiple of [`REPLAY_FIRST_STEP`] columns.
+const REPLAY_MAX_FIRST: usize = 128;
+const REPLAY_FIRST_STEP: usize = 16;
+/// Columns a replayed batch may append after its first step; a batch that
+/// needs more goes on with a growing cache.
+const REPLAY_GENERATED_COLUMNS: usize = 256;
+
+/// The replayed steps of the router's current weights.
+#[derive(Default)]
+struct Replays {
+    generation: u64,
+    /// By (rows, capacity).
+    by_shape: HashMap<(usize, usize), Replay>,
+}
+
+/// A static cache for batches of `rows` messages (a power of two: shorter
+/// batches are padded with empty rows) and its captured steps, by (width,
+/// scored columns). The system prefix stays in the cache's first columns
+/// from one batch to the next.
+struct Replay {
+    cache: StaticCache,
+    prefix_len: Option<usize>,
+    steps: HashMap<(usize, usize), GraphStep>,
+}
+
+/// Where a batch's keys and values live while it is decided.
+enum Kv {
+    /// One row per active message: rows leave when their message is decided.
+    Growing(Cache),
+    /// Row `i` is message `i` for the whole batch: decided messages and the
+    /// rows past the last message are padding.
+    Replay { key: (usize, usize), replay: Replay },
 }
 
 /// What the trainer records next to an adapter for the router
@@ -263,6 +310,7 @@ impl Router {
             prefix: None,
             generation: 0,
             call_prefix_ids,
+            replays: Replays::default(),
         })
     }
 
@@ -454,7 +502,7 @@ impl Router {
             done: false,
             drafted: 0,
         };
-        let mut decided = self.decide_rows(vec![row], long.cache, Opening::Free)?;
+        let mut decided = self.decide_rows(vec![row], Kv::Growing(long.cache), Opening::Free)?;
         decided
             .pop()
             .ok_or(Error::Engine("a message was left undecided".into()))
@@ -553,7 +601,20 @@ impl Router {
     /// Decides one batch, given each message's input ids.
     fn route_chunk(&mut self, inputs: Vec<Vec<u32>>, opening: Opening) -> Result<Vec<Decision>> {
         let (prefix_len, prefix) = self.prefix_cache()?;
-        let cache = prefix.repeat(inputs.len())?;
+        let longest = inputs.iter().map(Vec::len).max().unwrap_or(0);
+        let kv = match self.take_replay(inputs.len(), longest, prefix_len)? {
+            Some((key, mut replay)) => {
+                if replay.prefix_len == Some(prefix_len) {
+                    replay.cache.truncate(prefix_len);
+                } else {
+                    replay.cache.reset();
+                    replay.cache.load(&prefix.repeat(key.0)?)?;
+                    replay.prefix_len = Some(prefix_len);
+                }
+                Kv::Replay { key, replay }
+            }
+            None => Kv::Growing(prefix.repeat(inputs.len())?),
+        };
         let rows: Vec<Row> = inputs
             .into_iter()
             .map(|ids| Row {
@@ -565,7 +626,49 @@ impl Router {
                 next_position: prefix_len as u32,
             })
             .collect();
-        self.decide_rows(rows, cache, opening)
+        self.decide_rows(rows, kv, opening)
+    }
+
+    /// Whether batches are decided with replayed steps on this device.
+    fn replays_steps(&self) -> bool {
+        self.config
+            .cuda_graphs
+            .unwrap_or_else(|| self.base.decoder.device.is_cuda())
+    }
+
+    /// The static cache and steps for a batch of `n` messages of up to
+    /// `longest` tokens after a prefix of `prefix_len`, taken out of the
+    /// router while the batch is decided (`decide_rows` puts it back);
+    /// `None` when the batch is decided with a growing cache.
+    fn take_replay(
+        &mut self,
+        n: usize,
+        longest: usize,
+        prefix_len: usize,
+    ) -> Result<Option<((usize, usize), Replay)>> {
+        if !self.replays_steps() || n == 0 || n > REPLAY_MAX_ROWS || longest > REPLAY_MAX_FIRST {
+            return Ok(None);
+        }
+        if self.replays.generation != self.generation {
+            // New weights: every captured graph reads the old ones.
+            self.replays = Replays {
+                generation: self.generation,
+                by_shape: HashMap::new(),
+            };
+        }
+        let rows = n.next_power_of_two();
+        let capacity =
+            (prefix_len + REPLAY_MAX_FIRST + REPLAY_GENERATED_COLUMNS).next_multiple_of(64);
+        let key = (rows, capacity);
+        let replay = match self.replays.by_shape.remove(&key) {
+            Some(replay) => replay,
+            None => Replay {
+                cache: self.base.decoder.static_cache(rows, capacity)?,
+                prefix_len: None,
+                steps: HashMap::new(),
+            },
+        };
+        Ok(Some((key, replay)))
     }
 
     /// Generates until every row is decided: `rows[i].next` are the
@@ -573,7 +676,7 @@ impl Router {
     fn decide_rows(
         &mut self,
         mut rows: Vec<Row>,
-        mut cache: Cache,
+        mut kv: Kv,
         opening: Opening,
     ) -> Result<Vec<Decision>> {
         let n = rows.len();
@@ -587,7 +690,15 @@ impl Router {
         let mut first_step = true;
         let mut call_probability = vec![0f32; n];
         while !active.is_empty() {
-            let (logits, spans) = self.step(&mut rows, &active, &mut cache, first_step)?;
+            if let Kv::Replay { replay, .. } = &kv {
+                // A batch that would outgrow its capacity goes on with a
+                // growing cache of its active rows.
+                let width = step_width(&rows, &active, first_step, true);
+                if replay.cache.len() + width > replay.cache.capacity() {
+                    kv = Kv::Growing(replay.cache.to_cache()?.select(&active)?);
+                }
+            }
+            let (logits, spans) = self.step(&mut rows, &active, &mut kv, first_step)?;
             // Per active row: the model's next token after each fed column
             // that is checked (the last column, or the last real token and
             // every draft token).
@@ -614,7 +725,10 @@ impl Router {
                 // Columns of rejected draft tokens stay in the cache, masked.
                 let rejected = row.drafted - accepted;
                 if rejected > 0 {
-                    cache.forget_last(k, rejected);
+                    match &mut kv {
+                        Kv::Growing(cache) => cache.forget_last(k, rejected),
+                        Kv::Replay { replay, .. } => replay.cache.forget_last(i, rejected),
+                    }
                     row.next_position -= rejected as u32;
                 }
                 row.next.clear();
@@ -662,10 +776,15 @@ impl Router {
             let keep: Vec<usize> = (0..active.len())
                 .filter(|&k| !rows[active[k]].done)
                 .collect();
-            if keep.len() < active.len() && !keep.is_empty() {
-                cache = cache.select(&keep)?;
+            if let Kv::Growing(cache) = &mut kv {
+                if keep.len() < active.len() && !keep.is_empty() {
+                    *cache = cache.select(&keep)?;
+                }
             }
             active = keep.into_iter().map(|k| active[k]).collect();
+        }
+        if let Kv::Replay { key, replay } = kv {
+            self.replays.by_shape.insert(key, replay);
         }
         Ok(rows
             .into_iter()
@@ -688,29 +807,41 @@ impl Router {
     }
 
     /// Appends the pending tokens of the `active` rows (ragged: short rows
-    /// padded) and returns logits `[N, vocab]` with each row's range of
-    /// them. The first step left-pads so that all prompts end in the last
-    /// column and scores only that column; later steps score the last real
-    /// token and every draft token after it.
+    /// padded) and returns logits `[N, vocab]` with each active row's range
+    /// of them, in `active` order. The first step left-pads so that all
+    /// prompts end in the last column and scores only that column; later
+    /// steps score the last real token and every draft token after it. A
+    /// replayed step covers every row of its cache (the decided and the
+    /// missing messages as padding) at a bucketed width.
     fn step(
         &self,
         rows: &mut [Row],
         active: &[usize],
-        cache: &mut Cache,
+        kv: &mut Kv,
         first: bool,
     ) -> Result<(Tensor, Vec<std::ops::Range<usize>>)> {
         let dec = &self.base.decoder;
-        let width = active
-            .iter()
-            .map(|&i| rows[i].next.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let mut tokens = Vec::with_capacity(active.len() * width);
-        let mut positions = Vec::with_capacity(active.len());
+        let members: Vec<Option<usize>> = match kv {
+            Kv::Growing(_) => active.iter().map(|&i| Some(i)).collect(),
+            Kv::Replay { replay, .. } => {
+                let mut members = vec![None; replay.cache.rows()];
+                for &i in active {
+                    members[i] = Some(i);
+                }
+                members
+            }
+        };
+        let width = step_width(rows, active, first, matches!(kv, Kv::Replay { .. }));
+        let mut tokens = Vec::with_capacity(members.len() * width);
+        let mut positions = Vec::with_capacity(members.len());
         let mut scored = Vec::with_capacity(active.len());
         let mut spans = Vec::with_capacity(active.len());
-        for (k, &i) in active.iter().enumerate() {
+        for (k, member) in members.iter().enumerate() {
+            let Some(i) = *member else {
+                tokens.extend(std::iter::repeat_n(0u32, width));
+                positions.push(vec![None; width]);
+                continue;
+            };
             let row = &mut rows[i];
             let pad = width - row.next.len();
             let mut cols: Vec<Option<u32>> = Vec::with_capacity(width);
@@ -737,13 +868,49 @@ impl Router {
             row.next_position += row.next.len() as u32;
             positions.push(cols);
         }
-        let t = Tensor::from_vec(tokens, (active.len(), width), &dec.device)?;
         let batch = Batch { rows: positions };
-        let hidden = dec.forward_hidden(&t, &batch, Some(cache), Mode::Infer)?;
-        let (b, w, h) = hidden.dims3()?;
-        let idx = Tensor::from_vec(scored.clone(), scored.len(), &dec.device)?;
-        let picked = hidden.reshape((b * w, h))?.index_select(&idx, 0)?;
-        Ok((dec.logits(&picked)?, spans))
+        let logits = match kv {
+            Kv::Growing(cache) => {
+                let t = Tensor::from_vec(tokens, (members.len(), width), &dec.device)?;
+                let hidden = dec.forward_hidden(&t, &batch, Some(cache), Mode::Infer)?;
+                let (b, w, h) = hidden.dims3()?;
+                let idx = Tensor::from_vec(scored.clone(), scored.len(), &dec.device)?;
+                let picked = hidden.reshape((b * w, h))?.index_select(&idx, 0)?;
+                dec.logits(&picked)?
+            }
+            Kv::Replay { replay, .. } => {
+                let (n, capacity) = (replay.cache.rows(), replay.cache.capacity());
+                let room = if first { n } else { n * width };
+                let step = match replay.steps.entry((width, room)) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(GraphStep::new(dec, n, width, capacity, room)?)
+                    }
+                };
+                let logits = step.run(dec, &replay.cache, &tokens, &batch, &scored)?;
+                replay.cache.advance(&batch)?;
+                logits
+            }
+        };
+        Ok((logits, spans))
+    }
+}
+
+/// Columns of the next step: the longest pending run among the active rows.
+/// Replayed steps round it up (first steps to a multiple of
+/// [`REPLAY_FIRST_STEP`], later ones to a power of two), so that a few
+/// captured shapes serve every batch.
+fn step_width(rows: &[Row], active: &[usize], first: bool, replayed: bool) -> usize {
+    let width = active
+        .iter()
+        .map(|&i| rows[i].next.len())
+        .max()
+        .unwrap_or(0)
+        .max(1);
+    match (replayed, first) {
+        (false, _) => width,
+        (true, true) => width.next_multiple_of(REPLAY_FIRST_STEP),
+        (true, false) => width.next_power_of_two(),
     }
 }
 

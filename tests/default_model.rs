@@ -280,15 +280,19 @@ fn shipped_adapter_matches_python_peft() {
 /// what the router writes: the same routes, prompts and outputs as one token
 /// per step, with the shipped adapter on messages whose prompts copy the
 /// user's words, and in a batch where rows accept different numbers of drafts.
+/// A CPU router with the shipped adapter merged.
+fn shipped_router(config: RouterConfig) -> Router {
+    let mut base = model::load(MODEL, &Device::Cpu).unwrap();
+    let adapter =
+        router::lora::Adapter::load(std::path::Path::new("model/adapters/gemma3-270m-nat4c4"))
+            .unwrap();
+    adapter.apply(&mut base.decoder, true).unwrap();
+    Router::new(base, config).unwrap()
+}
+
 #[test]
 fn prompt_lookup_drafts_write_what_one_token_per_step_writes() {
-    let mut base = model::load(MODEL, &Device::Cpu).unwrap();
-    let adapter = router::lora::Adapter::load(std::path::Path::new(
-        "model/adapters/gemma3-270m-nat3-mlp-r16e3",
-    ))
-    .unwrap();
-    adapter.apply(&mut base.decoder, true).unwrap();
-    let mut router = Router::new(base, RouterConfig::default()).unwrap();
+    let mut router = shipped_router(RouterConfig::default());
     let texts = [
         "draw a red fox sleeping under a maple tree in watercolor",
         "幫我畫一隻在月光下彈吉他的狐狸",
@@ -319,5 +323,36 @@ fn prompt_lookup_drafts_write_what_one_token_per_step_writes() {
         let plain = router.route(t).unwrap();
         router.config.draft_tokens = Some(6);
         assert_eq!(router.route(t).unwrap(), plain, "{t}");
+    }
+}
+
+/// The replayed steps (the preallocated cache and fixed step shapes that
+/// CUDA graphs replay, run eagerly on the CPU) route and write what the
+/// growing cache does, with the shipped adapter: in a batch padded to the
+/// next power of two, alone, and again with the prefix left in the cache.
+#[test]
+fn replayed_steps_route_and_write_as_eager_steps() {
+    let mut router = shipped_router(RouterConfig {
+        cuda_graphs: Some(false),
+        ..RouterConfig::default()
+    });
+    let texts = [
+        "draw a red fox sleeping under a maple tree in watercolor",
+        "幫我畫一隻在月光下彈吉他的狐狸",
+        "what is the capital of France?",
+        "can you make a picture of a tiny robot watering plants on a balcony, pixel art",
+        "把這張照片的背景換成海邊 然後調亮一點",
+    ];
+    let eager = router.route_batch(&texts).unwrap();
+    assert!(
+        eager.iter().filter(|d| d.prompt.is_some()).count() >= 3,
+        "{eager:?}"
+    );
+    router.config.cuda_graphs = Some(true);
+    for _ in 0..2 {
+        assert_eq!(router.route_batch(&texts).unwrap(), eager);
+    }
+    for (t, want) in texts.iter().zip(&eager) {
+        assert_eq!(&router.route(t).unwrap(), want, "{t}");
     }
 }

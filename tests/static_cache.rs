@@ -301,3 +301,63 @@ fn exceeding_the_capacity_is_an_error() {
         assert!(err.contains("9 columns"), "{err}");
     }
 }
+
+/// Runs `steps` on `cache` (static) with fresh step inputs per step.
+fn static_steps(dec: &Decoder, cache: &mut StaticCache, steps: Vec<Step>) -> Vec<Tensor> {
+    steps
+        .into_iter()
+        .map(|s| {
+            let mut inputs = dec
+                .step_inputs(ROWS, s.batch.width(), cache.capacity())
+                .unwrap();
+            inputs.fill(&s.tokens, &s.batch, cache).unwrap();
+            let h = dec.forward_static(&inputs, cache).unwrap();
+            cache.advance(&s.batch).unwrap();
+            for (row, n) in s.forget.into_iter().enumerate() {
+                cache.forget_last(row, n);
+            }
+            h
+        })
+        .collect()
+}
+
+/// What the router does with a static cache besides stepping it: keep the
+/// prefix for the next batch (`truncate`, nothing copied), and hand a batch
+/// that outgrows the capacity over to a growing cache (`to_cache`).
+#[test]
+fn a_truncated_or_handed_over_static_cache_goes_on_exactly() {
+    for arch in ARCHS {
+        let dec = tiny(arch);
+        let want = run_growing(&dec);
+        let mut cache = dec.static_cache(ROWS, PREFIX + APPENDED + 8).unwrap();
+        run_static(&dec, &mut cache);
+        // The prefix stays written: the same script again, without reloading.
+        cache.truncate(PREFIX);
+        assert_eq!(cache.len(), PREFIX);
+        assert_same(
+            arch,
+            "truncated",
+            &static_steps(&dec, &mut cache, script()),
+            &want,
+        );
+
+        // Three steps in the static cache, the rest in a growing copy of it.
+        cache.truncate(PREFIX);
+        let mut steps = script();
+        let rest = steps.split_off(3);
+        let mut got = static_steps(&dec, &mut cache, steps);
+        let mut growing = cache.to_cache().unwrap();
+        assert_eq!(growing.len(), cache.len());
+        for s in rest {
+            let t = Tensor::from_vec(s.tokens, (ROWS, s.batch.width()), &Device::Cpu).unwrap();
+            got.push(
+                dec.forward_hidden(&t, &s.batch, Some(&mut growing), Mode::Infer)
+                    .unwrap(),
+            );
+            for (row, n) in s.forget.into_iter().enumerate() {
+                growing.forget_last(row, n);
+            }
+        }
+        assert_same(arch, "handed over", &got, &want);
+    }
+}

@@ -49,3 +49,40 @@ fn hostile_messages_never_panic() {
     // The long message was cut to the input budget, not rejected.
     assert!(out[2].new_tokens <= 4 + 16);
 }
+
+/// Replayed steps (a preallocated cache, fixed step shapes, padded rows;
+/// run eagerly on the CPU, captured as CUDA graphs on the GPU) write what
+/// the growing cache writes: alone and in a padded batch, with drafts, over
+/// many steps, and again once the prefix is left in the static cache.
+#[test]
+fn replayed_steps_write_what_the_growing_cache_writes() {
+    let dir = common::tiny_gemma3_dir();
+    let base = router::model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let mut router = Router::new(
+        base,
+        RouterConfig {
+            max_new_tokens: 40,
+            stop_at_chat: false,
+            cuda_graphs: Some(false),
+            ..RouterConfig::default()
+        },
+    )
+    .unwrap();
+    let texts = [
+        "draw a cat draw a cat draw a cat",
+        "hello there",
+        "x",
+        "幫我畫一隻貓 🐱 在月光下",
+        "a b c a b c a b c a b c",
+    ];
+    let growing = router.route_batch(&texts).unwrap();
+    let singles: Vec<_> = texts.iter().map(|t| router.route(t).unwrap()).collect();
+    router.config.cuda_graphs = Some(true);
+    for _ in 0..2 {
+        assert_eq!(router.route_batch(&texts).unwrap(), growing);
+        for (t, single) in texts.iter().zip(&singles) {
+            assert_eq!(&router.route(t).unwrap(), single, "{t}");
+        }
+    }
+    assert!(growing.iter().any(|d| d.new_tokens > 8), "{growing:?}");
+}

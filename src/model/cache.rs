@@ -120,9 +120,9 @@ fn forget_last(columns: &mut [Vec<Option<u32>>], row: usize, n: usize) {
 }
 
 /// Additive attention mask (0 or -inf) for new columns `batch` after the
-/// cached columns `past`, stacked `rep` times along the query axis for the
-/// query heads that share a kv head: `[B, 1, rep*T, keys]`. Built on the
-/// host and uploaded once per forward pass.
+/// cached columns `past`: `[B, 1, T, keys]`, one row per query column,
+/// broadcast on the device over the heads (see `Attention::forward`). Built
+/// on the host and uploaded once per forward pass.
 ///
 /// Key columns are laid out as both caches store them: the `P` cached
 /// columns first, this step's `T` columns at `P..P+T`, then `keys - P - T`
@@ -134,7 +134,6 @@ pub(crate) fn build_mask(
     batch: &Batch,
     keys: usize,
     window: Option<usize>,
-    rep: usize,
     dtype: DType,
     dev: &Device,
 ) -> candle_core::Result<Tensor> {
@@ -167,19 +166,7 @@ pub(crate) fn build_mask(
             }
         }
     }
-    let rep = rep.max(1);
-    if rep > 1 {
-        data = data
-            .chunks(t * s)
-            .flat_map(|row| std::iter::repeat_n(row, rep).flatten().copied())
-            .collect();
-    }
-    Tensor::from_vec(data, (b, 1, rep * t, s), dev)?.to_dtype(dtype)
-}
-
-/// Query heads per kv head (grouped-query attention).
-fn heads_per_kv(cfg: &ModelConfig) -> usize {
-    cfg.num_attention_heads / cfg.num_key_value_heads.max(1)
+    Tensor::from_vec(data, (b, 1, t, s), dev)?.to_dtype(dtype)
 }
 
 /// The sliding window of the model's sliding layers, when it has any (only
@@ -339,6 +326,34 @@ impl StaticCache {
         self.columns.iter_mut().for_each(Vec::clear);
     }
 
+    /// The written columns as a growing [`Cache`] (copies), for a batch
+    /// that goes on without a fixed capacity.
+    pub fn to_cache(&self) -> candle_core::Result<Cache> {
+        let len = self.len();
+        let kv = self
+            .kv
+            .iter()
+            .map(|(k, v)| {
+                Ok(Some((
+                    k.narrow(2, 0, len)?.copy()?,
+                    v.narrow(2, 0, len)?.copy()?,
+                )))
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Cache {
+            kv,
+            columns: self.columns.clone(),
+        })
+    }
+
+    /// Keeps the first `len` columns of every row and forgets the rest, so
+    /// that a batch can start again after a prefix every row shares: the
+    /// prefix's keys and values stay where they were written, and nothing
+    /// is copied. Host bookkeeping only; a no-op past the current length.
+    pub fn truncate(&mut self, len: usize) {
+        self.columns.iter_mut().for_each(|c| c.truncate(len));
+    }
+
     /// Records the columns a step wrote (host bookkeeping only: the keys
     /// and values were written by the step itself). Call it once after each
     /// step, with the batch given to [`StepInputs::fill`].
@@ -393,15 +408,13 @@ pub struct StepInputs {
     /// Cache columns the step writes its keys and values to, `[T]` u32:
     /// `len..len+T`.
     columns: Tensor,
-    /// Mask of global layers `[B, 1, rep*T, C]` in the compute dtype.
+    /// Mask of global layers `[B, 1, T, C]` in the compute dtype.
     mask_global: Tensor,
     /// Mask of sliding layers, same shape; only for models with sliding
     /// layers and a window.
     mask_local: Option<Tensor>,
     /// The window `mask_local` is built for.
     window: Option<usize>,
-    /// Query heads per kv head (the masks' stacking).
-    rep: usize,
 }
 
 impl StepInputs {
@@ -421,9 +434,8 @@ impl StepInputs {
                 "step inputs need rows and a width within the capacity, got {rows} x {width} for {capacity}"
             );
         }
-        let rep = heads_per_kv(cfg);
         let window = local_window(cfg);
-        let mask = || Tensor::zeros((rows, 1, rep * width, capacity), dtype, dev);
+        let mask = || Tensor::zeros((rows, 1, width, capacity), dtype, dev);
         Ok(Self {
             tokens: Tensor::zeros((rows, width), DType::U32, dev)?,
             positions: Tensor::zeros((rows, width), DType::U32, dev)?,
@@ -431,7 +443,6 @@ impl StepInputs {
             mask_global: mask()?,
             mask_local: window.map(|_| mask()).transpose()?,
             window,
-            rep,
         })
     }
 
@@ -475,16 +486,7 @@ impl StepInputs {
             .slice_set(&Tensor::arange(len, len + t as u32, &dev)?, 0, 0)?;
         // Masks are cast on the host, so only the compute dtype's bytes go up.
         let mask = |window| {
-            build_mask(
-                &cache.columns,
-                batch,
-                c,
-                window,
-                self.rep,
-                dtype,
-                &Device::Cpu,
-            )?
-            .to_device(&dev)
+            build_mask(&cache.columns, batch, c, window, dtype, &Device::Cpu)?.to_device(&dev)
         };
         self.mask_global.slice_set(&mask(None)?, 0, 0)?;
         if let Some(local) = &self.mask_local {
@@ -522,7 +524,7 @@ impl StepInputs {
         &self.columns
     }
 
-    /// The global layers' mask `[B, 1, rep*T, C]`.
+    /// The global layers' mask `[B, 1, T, C]`.
     pub fn mask_global(&self) -> &Tensor {
         &self.mask_global
     }
@@ -554,7 +556,7 @@ mod tests {
     #[test]
     fn growing_and_static_layouts_share_one_mask() {
         // Two rows, a padded cached column and a forgotten one, a left-padded
-        // step; window 3 and two query heads per kv head.
+        // step; window 3.
         let past = vec![
             vec![Some(0), Some(1), Some(2), None],
             vec![None, Some(0), None, None],
@@ -565,10 +567,10 @@ mod tests {
         let (p, t, capacity) = (4, 2, 9);
         for window in [None, Some(3)] {
             let dev = &Device::Cpu;
-            let grow = build_mask(&past, &batch, p + t, window, 2, DType::F32, dev).unwrap();
-            let fixed = build_mask(&past, &batch, capacity, window, 2, DType::F32, dev).unwrap();
-            assert_eq!(grow.dims(), &[2, 1, 2 * t, p + t]);
-            assert_eq!(fixed.dims(), &[2, 1, 2 * t, capacity]);
+            let grow = build_mask(&past, &batch, p + t, window, DType::F32, dev).unwrap();
+            let fixed = build_mask(&past, &batch, capacity, window, DType::F32, dev).unwrap();
+            assert_eq!(grow.dims(), &[2, 1, t, p + t]);
+            assert_eq!(fixed.dims(), &[2, 1, t, capacity]);
             for (g, f) in mask_rows(&grow).iter().zip(mask_rows(&fixed)) {
                 assert_eq!(g.as_slice(), &f[..p + t]);
                 assert!(f[p + t..].iter().all(|x| *x == f32::NEG_INFINITY));
@@ -578,8 +580,8 @@ mod tests {
             // query sees position 0 (column 1) and itself (column p + 1).
             let seen =
                 |r: &[f32]| -> Vec<usize> { (0..r.len()).filter(|&j| r[j] == 0.0).collect() };
-            assert_eq!(seen(&rows[4]), vec![p]);
-            assert_eq!(seen(&rows[5]), vec![1, p + 1]);
+            assert_eq!(seen(&rows[2]), vec![p]);
+            assert_eq!(seen(&rows[3]), vec![1, p + 1]);
             // Row 0, position 4: positions 2..=4 in the window, 0..=4 without.
             let want = if window.is_some() {
                 vec![2, p, p + 1]
@@ -587,11 +589,8 @@ mod tests {
                 vec![0, 1, 2, p, p + 1]
             };
             assert_eq!(seen(&rows[1]), want);
-            // Stacked query heads repeat the same rows.
-            assert_eq!(rows[0], rows[2]);
-            assert_eq!(rows[1], rows[3]);
         }
-        let err = build_mask(&past, &batch, p + t - 1, None, 1, DType::F32, &Device::Cpu);
+        let err = build_mask(&past, &batch, p + t - 1, None, DType::F32, &Device::Cpu);
         assert!(err.is_err());
     }
 }

@@ -3,8 +3,9 @@
 //!
 //! Inside, imports run one way: `transformer` (the decoder) uses `linear`
 //! (projections and their LoRA runtime, with `q8` for their Q8_0 copies on
-//! the CPU), `cache` (batches, KV cache, masks) and `config`, which asks
-//! `family` through the architecture files (`gemma3`, `llama`); `gguf`
+//! the CPU), `cache` (batches, KV caches, masks) and `config`, which asks
+//! `family` through the architecture files (`gemma3`, `llama`); `graph`
+//! (steps replayed from CUDA graphs) uses the decoder and `cache`; `gguf`
 //! reads files for all of them.
 
 mod cache;
@@ -12,6 +13,7 @@ pub mod config;
 mod family;
 mod gemma3;
 pub mod gguf;
+mod graph;
 mod linear;
 mod llama;
 pub mod q8;
@@ -26,6 +28,7 @@ use candle_nn::VarBuilder;
 pub use cache::{dense_batch, Batch, Cache, StaticCache, StepInputs};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use family::{Activation, Family};
+pub use graph::GraphStep;
 pub use linear::{Dropout, Linear, Lora, Mode};
 pub use transformer::Decoder;
 

@@ -183,7 +183,7 @@ enum Kv<'a> {
     },
 }
 
-/// The masks of one forward pass, per kind of layer (`[B, 1, rep*T, S]`).
+/// The masks of one forward pass, per kind of layer (`[B, 1, T, S]`).
 struct Masks<'a> {
     global: &'a Tensor,
     /// Sliding layers' mask; `None` when the model has no window.
@@ -248,8 +248,8 @@ pub struct Decoder {
 }
 
 impl Attention {
-    /// `mask` is already stacked for the query heads that share a kv head
-    /// (`[B, 1, rep*T, S]`, see [`Decoder::forward_hidden`]).
+    /// `mask` is `[B, 1, T, S]`, one row per query column, broadcast over
+    /// the heads.
     fn forward(
         &self,
         x: &Tensor,
@@ -308,7 +308,7 @@ impl Attention {
         // Grouped-query attention without copying keys/values: the query
         // heads that share a kv head are stacked along the time axis,
         // `[B, nkv, rep*T, D]` (head h = j*rep + r uses kv head j, as in
-        // transformers' repeat_kv), matching the stacked mask.
+        // transformers' repeat_kv).
         let rep = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
@@ -322,7 +322,15 @@ impl Attention {
             Some(cap) => ((scores / cap)?.tanh()? * cap)?,
             None => scores,
         };
-        let scores = scores.broadcast_add(mask)?.to_dtype(DType::F32)?;
+        // The mask broadcasts over the kv heads and the stacked query heads
+        // (a view of the scores as `[B, nkv, rep, T, S]`), so the host
+        // builds and uploads one row per query column.
+        let s = scores.dim(D::Minus1)?;
+        let scores = scores
+            .reshape((b, nkv, rep, t, s))?
+            .broadcast_add(&mask.unsqueeze(2)?)?
+            .reshape((b, nkv, rep * t, s))?
+            .to_dtype(DType::F32)?;
         let probs = match mode {
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
             Mode::Train(_) => candle_nn::ops::softmax(&scores, D::Minus1)?,
@@ -448,8 +456,7 @@ impl Decoder {
         let empty = Vec::new();
         let past = cache.as_ref().map(|c| &c.columns).unwrap_or(&empty);
         let keys = past.first().map_or(0, Vec::len) + t;
-        let rep = self.cfg.num_attention_heads / self.cfg.num_key_value_heads.max(1);
-        let mask = |window| build_mask(past, batch, keys, window, rep, self.dtype, dev);
+        let mask = |window| build_mask(past, batch, keys, window, self.dtype, dev);
         let mask_global = mask(None)?;
         let mask_local = match (self.needs_local(), self.cfg.sliding_window) {
             (true, Some(w)) => Some(mask(Some(w))?),

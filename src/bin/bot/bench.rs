@@ -26,7 +26,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::Args;
 use router::cli::ModelArgs;
-use router::model::{dense_batch, BaseModel, Cache, Mode};
+use router::model::{dense_batch, BaseModel, Cache, GraphStep, Mode, StaticCache};
 use router::prompt::CALL_PREFIX;
 use router::router::{Decision, Route, Router, RouterConfig};
 use serde::Serialize;
@@ -148,6 +148,10 @@ struct DecoderSection {
     prefill_tokens_per_s: f64,
     decode_steps: usize,
     decode_ms_per_token: f64,
+    /// The same greedy steps as the router takes them on CUDA: each one
+    /// replayed from a captured graph over a static cache, its token read
+    /// back to the host (CUDA only).
+    replayed_decode_ms_per_token: Option<f64>,
     /// The five highest logits after the prompt, `[id, logit]`, for a
     /// cross-check against another stack fed the same ids.
     top_logits: Vec<(u32, f32)>,
@@ -322,6 +326,42 @@ fn decode_once(base: &BaseModel, ids: &[u32], steps: usize) -> Result<DecodeRun>
     })
 }
 
+/// Milliseconds for `steps` greedy single-token steps after `ids`, each a
+/// run of `step` (a captured graph on CUDA, captured at its first run)
+/// whose token is read back, as the router steps.
+fn replayed_decode(
+    base: &BaseModel,
+    ids: &[u32],
+    steps: usize,
+    step: &mut GraphStep,
+    fixed: &mut StaticCache,
+) -> Result<f64> {
+    let dec = &base.decoder;
+    let n = ids.len();
+    let mut cache = Cache::default();
+    let tokens = Tensor::new(ids, &dec.device)?.unsqueeze(0)?;
+    let hidden = dec.forward_hidden(
+        &tokens,
+        &dense_batch(1, 0, n),
+        Some(&mut cache),
+        Mode::Infer,
+    )?;
+    let mut next = dec
+        .logits_at(&hidden, &[n - 1])?
+        .argmax(1)?
+        .to_vec1::<u32>()?;
+    fixed.reset();
+    fixed.load(&cache)?;
+    let t = Instant::now();
+    for s in 0..steps {
+        let batch = dense_batch(1, (n + s) as u32, 1);
+        let logits = step.run(dec, fixed, &next, &batch, &[0])?;
+        fixed.advance(&batch)?;
+        next = logits.argmax(1)?.to_vec1::<u32>()?;
+    }
+    Ok(t.elapsed().as_secs_f64() * 1e3)
+}
+
 fn decoder_measure(base: &BaseModel, ids: &[u32], steps: usize) -> Result<DecoderSection> {
     // Warm-up, then the median of a few runs.
     decode_once(base, ids, steps.min(4))?;
@@ -340,12 +380,25 @@ fn decoder_measure(base: &BaseModel, ids: &[u32], steps: usize) -> Result<Decode
     };
     let prefill_ms = median(&mut prefill);
     let decode_ms = median(&mut decode);
+    let replayed_decode_ms_per_token = if base.decoder.device.is_cuda() {
+        let dec = &base.decoder;
+        let mut fixed = dec.static_cache(1, (ids.len() + steps).next_multiple_of(64))?;
+        let mut step = GraphStep::new(dec, 1, 1, fixed.capacity(), 1)?;
+        replayed_decode(base, ids, steps.min(4), &mut step, &mut fixed)?;
+        let mut runs = (0..3)
+            .map(|_| replayed_decode(base, ids, steps, &mut step, &mut fixed))
+            .collect::<Result<Vec<_>>>()?;
+        Some(median(&mut runs) / steps.max(1) as f64)
+    } else {
+        None
+    };
     Ok(DecoderSection {
         prompt_tokens: ids.len(),
         prefill_ms,
         prefill_tokens_per_s: ids.len() as f64 / (prefill_ms / 1e3),
         decode_steps: steps,
         decode_ms_per_token: decode_ms / steps.max(1) as f64,
+        replayed_decode_ms_per_token,
         top_logits: top,
     })
 }
@@ -556,6 +609,11 @@ pub fn run(model: &ModelArgs, args: BenchArgs) -> Result<()> {
             "\ndecoder at batch 1: prefill {} tokens in {:.2} ms ({:.0} tokens/s); decode {:.3} ms per token ({} steps)",
             s.prompt_tokens, s.prefill_ms, s.prefill_tokens_per_s, s.decode_ms_per_token, s.decode_steps
         );
+        if let Some(ms) = s.replayed_decode_ms_per_token {
+            println!(
+                "replayed steps (CUDA graphs, token read back each step): {ms:.3} ms per token"
+            );
+        }
         decoder_section = Some(s);
     }
 

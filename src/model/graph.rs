@@ -1,0 +1,201 @@
+//! Decoder steps replayed from CUDA graphs.
+//!
+//! On the GPU a routing step of a few rows is bound by kernel launches, not
+//! by the weights it reads: eager candle queues several hundred small
+//! kernels per step, each with its host-side work (about 8 ms for the 270M
+//! model on an H200 against a 0.13 ms weight-read floor). A [`GraphStep`]
+//! runs one step shape eagerly once, captures the same step as a CUDA
+//! graph, and from then on launches the whole graph with one call.
+//!
+//! A replay runs the captured kernels on the captured addresses, so
+//! everything a step reads or writes lives in buffers allocated once: the
+//! step's inputs ([`StepInputs`]), the keys and values ([`StaticCache`]),
+//! which columns to score, and the logits it writes. Only the contents of
+//! those buffers change between replays ([`GraphStep::run`] fills them).
+//! Everything the step allocates in between is freed inside the graph.
+//!
+//! On the CPU (and whenever a capture fails) the same step runs eagerly,
+//! so the CPU tests check every buffer and index the GPU replays.
+
+use candle_core::{DType, Tensor};
+
+use super::cache::{Batch, StaticCache, StepInputs};
+use super::transformer::Decoder;
+
+/// One step shape (rows, width, capacity, scored columns) with its buffers
+/// and, on CUDA, its captured graph.
+pub struct GraphStep {
+    inputs: StepInputs,
+    /// Flat indices (`row * width + column`, u32) of the columns whose
+    /// logits the step writes, padded with 0 up to the buffer's length.
+    scored: Tensor,
+    /// `[scored, vocab]` f32, written by every run.
+    logits: Tensor,
+    #[cfg(feature = "cuda")]
+    graph: Graph,
+}
+
+/// Capture state of a step on CUDA.
+#[cfg(feature = "cuda")]
+enum Graph {
+    /// Not run yet: the first run warms up, then captures.
+    Pending,
+    Ready(SendGraph),
+    /// The capture failed once (logged): this shape runs eagerly.
+    Eager,
+}
+
+/// A captured graph that may move to another thread (the router moves to
+/// its engine thread after loading).
+#[cfg(feature = "cuda")]
+struct SendGraph(candle_core::cuda_backend::cudarc::driver::CudaGraph);
+
+// SAFETY: CUDA graph objects are not internally synchronised, but they may
+// be used from any thread as long as calls are serialised; a `GraphStep` is
+// only reached through `&mut`, so one thread at a time launches it, and the
+// graph holds an `Arc` of the stream it launches on.
+#[cfg(feature = "cuda")]
+unsafe impl Send for SendGraph {}
+
+impl GraphStep {
+    /// Buffers for steps of `rows` x `width` columns over a static cache of
+    /// `capacity` columns, returning the logits of up to `scored` columns.
+    pub fn new(
+        dec: &Decoder,
+        rows: usize,
+        width: usize,
+        capacity: usize,
+        scored: usize,
+    ) -> candle_core::Result<Self> {
+        if scored == 0 || scored > rows * width {
+            candle_core::bail!("a step of {rows}x{width} columns cannot score {scored} of them");
+        }
+        let dev = &dec.device;
+        Ok(Self {
+            inputs: dec.step_inputs(rows, width, capacity)?,
+            scored: Tensor::zeros(scored, DType::U32, dev)?,
+            logits: Tensor::zeros((scored, dec.vocab_size()?), DType::F32, dev)?,
+            #[cfg(feature = "cuda")]
+            graph: Graph::Pending,
+        })
+    }
+
+    /// Whether this step replays a captured graph.
+    pub fn is_captured(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Graph::Ready(_) = self.graph {
+            return true;
+        }
+        false
+    }
+
+    /// Runs one step: `tokens` (row-major, `rows * width`) at the columns
+    /// of `batch` after what `cache` holds, and returns the logits `[n,
+    /// vocab]` (f32) of the `n` flat columns in `scored`, in that order.
+    /// The caller then records the step with [`StaticCache::advance`].
+    pub fn run(
+        &mut self,
+        dec: &Decoder,
+        cache: &StaticCache,
+        tokens: &[u32],
+        batch: &Batch,
+        scored: &[u32],
+    ) -> candle_core::Result<Tensor> {
+        let (room, columns) = (self.scored.dim(0)?, tokens.len());
+        if scored.is_empty() || scored.len() > room {
+            candle_core::bail!(
+                "a step built to score {room} columns was asked for {}",
+                scored.len()
+            );
+        }
+        if let Some(bad) = scored.iter().find(|&&c| c as usize >= columns) {
+            candle_core::bail!("scored column {bad} is outside the step's {columns} columns");
+        }
+        // Fills happen outside the launch-parameter cache and the capture:
+        // they upload this step's values into the fixed buffers.
+        self.inputs.fill(tokens, batch, cache)?;
+        let mut padded = scored.to_vec();
+        padded.resize(room, 0);
+        let dev = self.scored.device().clone();
+        self.scored
+            .slice_set(&Tensor::from_vec(padded, room, &dev)?, 0, 0)?;
+        match &dev {
+            #[cfg(feature = "cuda")]
+            candle_core::Device::Cuda(cuda) => self.run_cuda(dec, cache, cuda)?,
+            _ => self.body(dec, cache)?,
+        }
+        // A copy: the buffer is overwritten by the next run.
+        self.logits.narrow(0, 0, scored.len())?.copy()
+    }
+
+    /// The step itself: everything a capture records. Every tensor it
+    /// makes is dropped before it returns, so a graph frees what it
+    /// allocates.
+    fn body(&self, dec: &Decoder, cache: &StaticCache) -> candle_core::Result<()> {
+        let hidden = dec.forward_static(&self.inputs, cache)?;
+        let (b, t, h) = hidden.dims3()?;
+        let picked = hidden.reshape((b * t, h))?.index_select(&self.scored, 0)?;
+        self.logits.slice_set(&dec.logits(&picked)?, 0, 0)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn run_cuda(
+        &mut self,
+        dec: &Decoder,
+        cache: &StaticCache,
+        cuda: &candle_core::CudaDevice,
+    ) -> candle_core::Result<()> {
+        // Kernel dims/strides come from candle's parameter cache, which the
+        // eager warm-up fills and the capture requires.
+        let _params = cuda.enable_cuda_graph_htod_cache();
+        if let Graph::Pending = self.graph {
+            self.body(dec, cache)?;
+            self.graph = match capture(cuda, || self.body(dec, cache)) {
+                Ok(graph) => Graph::Ready(SendGraph(graph)),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        rows = self.inputs.rows(),
+                        width = self.inputs.width(),
+                        "CUDA graph capture failed; this step shape runs eagerly"
+                    );
+                    Graph::Eager
+                }
+            };
+        }
+        match &self.graph {
+            Graph::Ready(graph) => graph
+                .0
+                .launch()
+                .map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e:?}"))),
+            _ => self.body(dec, cache),
+        }
+    }
+}
+
+/// Records what `body` queues on the device's stream as a graph (relaxed
+/// mode: other threads may use CUDA meanwhile) and instantiates it. The
+/// capture is always ended, so the stream is usable again after a failure.
+#[cfg(feature = "cuda")]
+fn capture(
+    cuda: &candle_core::CudaDevice,
+    body: impl FnOnce() -> candle_core::Result<()>,
+) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaGraph> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let stream = cuda.cuda_stream();
+    let driver = |what: &str, e: candle_core::cuda_backend::cudarc::driver::DriverError| {
+        candle_core::Error::Msg(format!("CUDA graph {what}: {e:?}"))
+    };
+    stream.synchronize().map_err(|e| driver("synchronize", e))?;
+    stream
+        .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+        .map_err(|e| driver("begin capture", e))?;
+    let recorded = body();
+    let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+    recorded?;
+    let graph = graph
+        .map_err(|e| driver("end capture", e))?
+        .ok_or_else(|| candle_core::Error::Msg("CUDA graph capture recorded nothing".into()))?;
+    graph.upload().map_err(|e| driver("upload", e))?;
+    Ok(graph)
+}
