@@ -93,26 +93,38 @@ pub fn pr_curve(predictions: &[Prediction]) -> Vec<CurvePoint> {
         .collect()
 }
 
-/// The threshold to ship: the best F1 among points with precision at least
-/// `min_precision`, else the best F1. On a tie the lowest threshold wins:
-/// equal F1 on the validation split, so keep the recall (a missed picture is
-/// a visible failure; a false call can be flagged).
-pub fn choose_threshold(curve: &[CurvePoint], min_precision: f64) -> Option<f32> {
-    let best = |pts: Vec<&CurvePoint>| {
-        pts.into_iter()
-            .max_by(|a, b| {
-                a.f1.total_cmp(&b.f1)
-                    .then(b.threshold.total_cmp(&a.threshold))
-            })
-            .map(|p| p.threshold)
-    };
-    best(
-        curve
-            .iter()
-            .filter(|p| p.precision >= min_precision)
-            .collect(),
-    )
-    .or_else(|| best(curve.iter().collect()))
+/// The threshold to ship, from the curve over the validation split's
+/// `rows`: among the points whose precision reaches `min_precision` (all
+/// points when none does), those whose F1 is within one row's worth
+/// (`1 / rows`) of the best are equally good, and the middle of the longest
+/// run of consecutive good thresholds wins (the upper middle of an even
+/// run; the lower run of two equally long). A difference smaller than one
+/// row is noise, and the edge of a plateau is exactly where the routes
+/// start to move when the messages shift a little: the middle is the
+/// choice that holds best on messages the split does not have.
+pub fn choose_threshold(curve: &[CurvePoint], min_precision: f64, rows: usize) -> Option<f32> {
+    let reaches = |p: &CurvePoint| p.precision >= min_precision;
+    let floor = curve.iter().any(reaches);
+    let eligible = |p: &CurvePoint| !floor || reaches(p);
+    let best = curve
+        .iter()
+        .filter(|p| eligible(p))
+        .map(|p| p.f1)
+        .max_by(f64::total_cmp)?;
+    let tolerance = 1.0 / rows.max(1) as f64;
+    let good = |p: &CurvePoint| eligible(p) && p.f1 >= best - tolerance;
+    let mut longest: &[CurvePoint] = &[];
+    let mut rest = curve;
+    while !rest.is_empty() {
+        let skip = rest.iter().take_while(|p| !good(p)).count();
+        rest = &rest[skip..];
+        let run = rest.iter().take_while(|p| good(p)).count();
+        if run > longest.len() {
+            longest = &rest[..run];
+        }
+        rest = &rest[run..];
+    }
+    longest.get(longest.len() / 2).map(|p| p.threshold)
 }
 
 /// The units a prompt is compared by: lower-cased words of alphabetic
@@ -903,10 +915,69 @@ mod tests {
         assert_eq!(at(0.25).precision, 0.75);
         assert_eq!(at(0.7).precision, 1.0);
         assert!((at(0.7).recall - 2.0 / 3.0).abs() < 1e-9);
-        // Precision 1.0 is reached from t=0.65 up to 0.8 with recall 2/3: the lowest such t.
-        assert_eq!(choose_threshold(&curve, 0.97), Some(0.65));
-        // Without a reachable floor, the best F1 (0.857 from 0.15 to 0.3) wins.
-        assert_eq!(choose_threshold(&curve[..6], 1.1), Some(0.15));
+        // Precision 1.0 with recall 2/3 (F1 0.8) from t=0.65 to 0.8; above
+        // it recall 1/3 (F1 0.5) is more than a row's worth (1/5) worse:
+        // the upper middle of 0.65 0.7 0.75 0.8.
+        assert_eq!(choose_threshold(&curve, 0.97, preds.len()), Some(0.75));
+        // Without a reachable floor, the best F1 (0.857 from 0.15 to 0.3,
+        // within a row of 0.75 at 0.05 and 0.1 and at 0.35 to 0.6) from
+        // the middle of the longest run.
+        let loose = choose_threshold(&curve[..6], 1.1, preds.len());
+        assert_eq!(loose, Some(0.2));
+        // With many rows only the best F1 counts: the upper middle of
+        // 0.15 0.2 0.25 0.3.
+        assert_eq!(choose_threshold(&curve[..6], 1.1, 1_000_000), Some(0.25));
+    }
+
+    fn point(threshold: f32, precision: f64, recall: f64) -> CurvePoint {
+        CurvePoint {
+            threshold,
+            precision,
+            recall,
+            f1: 2.0 * precision * recall / (precision + recall),
+        }
+    }
+
+    /// The shipped adapter's validation curve (529 rows): 0.10 has the best
+    /// F1 by 2e-6 (one false call instead of one missed call) at the edge
+    /// of a plateau that runs to 0.65.
+    #[test]
+    fn a_near_tie_at_the_edge_of_a_plateau_gives_way_to_its_middle() {
+        let mut curve = vec![point(0.05, 0.9802, 1.0), point(0.1, 0.99197, 1.0)];
+        curve.extend((3..=13).map(|i| point(i as f32 * 0.05, 0.99595, 0.99595)));
+        curve.extend((14..=18).map(|i| point(i as f32 * 0.05, 0.99592, 0.98785)));
+        curve.push(point(0.95, 0.9959, 0.98381));
+        let chosen = choose_threshold(&curve, 0.97, 529).unwrap();
+        assert!((chosen - 0.4).abs() < 1e-6, "{chosen}");
+        // Only the exact best with a tolerance too small to matter.
+        assert_eq!(choose_threshold(&curve, 0.97, usize::MAX), Some(0.1));
+    }
+
+    /// The threshold recorded next to the shipped adapter is the one this
+    /// rule picks from the validation curve recorded with it.
+    #[test]
+    fn the_shipped_threshold_follows_from_its_recorded_curve() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../model/current");
+        let read = |name: &str| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
+        };
+        let recorded = read("threshold_curve.json");
+        let curve: Vec<CurvePoint> = recorded["curve"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| CurvePoint {
+                threshold: p["threshold"].as_f64().unwrap() as f32,
+                precision: p["precision"].as_f64().unwrap(),
+                recall: p["recall"].as_f64().unwrap(),
+                f1: p["f1"].as_f64().unwrap(),
+            })
+            .collect();
+        let rows = recorded["rows"].as_u64().unwrap() as usize;
+        let min_precision = recorded["min_precision"].as_f64().unwrap();
+        let chosen = choose_threshold(&curve, min_precision, rows).unwrap();
+        let shipped = read("router.json")["call_threshold"].as_f64().unwrap() as f32;
+        assert_eq!(chosen, shipped);
     }
 
     #[test]

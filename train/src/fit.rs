@@ -40,8 +40,9 @@ pub struct FitArgs {
     /// adapter is promoted only if it is not worse on any of them.
     #[arg(long = "test-file")]
     pub test_files: Vec<PathBuf>,
-    /// The call threshold recorded in the adapter is the best F1 on the
-    /// validation split among thresholds reaching this precision.
+    /// The call threshold recorded in the adapter is chosen on the
+    /// validation split among thresholds reaching this precision (the middle
+    /// of the run of thresholds within one row's worth of the best F1).
     #[arg(long, default_value_t = 0.97)]
     pub threshold_min_precision: f64,
     /// Where versioned adapter directories are written [default: model/adapters under the home].
@@ -906,9 +907,10 @@ fn finish_run(
     Ok(dir)
 }
 
-/// Chooses the call threshold on the validation rows (the best F1 among
-/// thresholds reaching `--threshold-min-precision`) and records it in the
-/// adapter's `router.json`, where the router reads it.
+/// Chooses the call threshold on the validation rows (the middle of the
+/// plateau of best F1 among thresholds reaching `--threshold-min-precision`,
+/// see `eval::choose_threshold`) and records it in the adapter's
+/// `router.json`, where the router reads it.
 fn record_threshold(
     router: &mut Router,
     args: &FitArgs,
@@ -925,7 +927,8 @@ fn record_threshold(
     );
     let report = evaluate(router, val_rows, args.eval_batch)?;
     let curve = crate::eval::pr_curve(&report.predictions);
-    let Some(threshold) = crate::eval::choose_threshold(&curve, args.threshold_min_precision)
+    let Some(threshold) =
+        crate::eval::choose_threshold(&curve, args.threshold_min_precision, val_rows.len())
     else {
         return Ok(());
     };

@@ -26,7 +26,7 @@ use anyhow::{Context, Result};
 use candle_core::Tensor;
 use clap::Args;
 use router::cli::ModelArgs;
-use router::model::{dense_batch, BaseModel, Cache, GraphStep, Mode, StaticCache};
+use router::model::{dense_batch, BaseModel, Cache, Decoder, GraphStep, Mode, StaticCache};
 use router::prompt::CALL_PREFIX;
 use router::router::{Decision, Route, Router, RouterConfig};
 use serde::Serialize;
@@ -152,6 +152,9 @@ struct DecoderSection {
     /// replayed from a captured graph over a static cache, its token read
     /// back to the host (CUDA only).
     replayed_decode_ms_per_token: Option<f64>,
+    /// Whether those steps ran from a captured graph (a failed capture
+    /// falls back to eager steps, with a warning).
+    replayed_from_graph: Option<bool>,
     /// The five highest logits after the prompt, `[id, logit]`, for a
     /// cross-check against another stack fed the same ids.
     top_logits: Vec<(u32, f32)>,
@@ -284,21 +287,23 @@ struct DecodeRun {
     top: Vec<(u32, f32)>,
 }
 
+/// Prefills `ids` (one row) into a fresh cache; returns the last
+/// position's logits `[1, vocab]` and the cache.
+fn prefill(dec: &Decoder, ids: &[u32]) -> Result<(Tensor, Cache)> {
+    let mut cache = Cache::default();
+    let tokens = Tensor::new(ids, &dec.device)?.unsqueeze(0)?;
+    let batch = dense_batch(1, 0, ids.len());
+    let hidden = dec.forward_hidden(&tokens, &batch, Some(&mut cache), Mode::Infer)?;
+    Ok((dec.logits_at(&hidden, &[ids.len() - 1])?, cache))
+}
+
 /// The decoder alone: prefills `ids` into a cache, then `steps` greedy
 /// single-token steps whose next token stays on the device.
 fn decode_once(base: &BaseModel, ids: &[u32], steps: usize) -> Result<DecodeRun> {
     let dec = &base.decoder;
     let n = ids.len();
     let t = Instant::now();
-    let mut cache = Cache::default();
-    let tokens = Tensor::new(ids, &dec.device)?.unsqueeze(0)?;
-    let hidden = dec.forward_hidden(
-        &tokens,
-        &dense_batch(1, 0, n),
-        Some(&mut cache),
-        Mode::Infer,
-    )?;
-    let logits = dec.logits_at(&hidden, &[n - 1])?;
+    let (logits, mut cache) = prefill(dec, ids)?;
     let mut next = logits.argmax_keepdim(1)?;
     // Reading a value back waits for the device.
     next.flatten_all()?.to_vec1::<u32>()?;
@@ -338,18 +343,8 @@ fn replayed_decode(
 ) -> Result<f64> {
     let dec = &base.decoder;
     let n = ids.len();
-    let mut cache = Cache::default();
-    let tokens = Tensor::new(ids, &dec.device)?.unsqueeze(0)?;
-    let hidden = dec.forward_hidden(
-        &tokens,
-        &dense_batch(1, 0, n),
-        Some(&mut cache),
-        Mode::Infer,
-    )?;
-    let mut next = dec
-        .logits_at(&hidden, &[n - 1])?
-        .argmax(1)?
-        .to_vec1::<u32>()?;
+    let (logits, cache) = prefill(dec, ids)?;
+    let mut next = logits.argmax(1)?.to_vec1::<u32>()?;
     fixed.reset();
     fixed.load(&cache)?;
     let t = Instant::now();
@@ -380,7 +375,7 @@ fn decoder_measure(base: &BaseModel, ids: &[u32], steps: usize) -> Result<Decode
     };
     let prefill_ms = median(&mut prefill);
     let decode_ms = median(&mut decode);
-    let replayed_decode_ms_per_token = if base.decoder.device.is_cuda() {
+    let replayed = if base.decoder.device.is_cuda() {
         let dec = &base.decoder;
         let mut fixed = dec.static_cache(1, (ids.len() + steps).next_multiple_of(64))?;
         let mut step = GraphStep::new(dec, 1, 1, fixed.capacity(), 1)?;
@@ -388,7 +383,7 @@ fn decoder_measure(base: &BaseModel, ids: &[u32], steps: usize) -> Result<Decode
         let mut runs = (0..3)
             .map(|_| replayed_decode(base, ids, steps, &mut step, &mut fixed))
             .collect::<Result<Vec<_>>>()?;
-        Some(median(&mut runs) / steps.max(1) as f64)
+        Some((median(&mut runs) / steps.max(1) as f64, step.is_captured()))
     } else {
         None
     };
@@ -398,7 +393,8 @@ fn decoder_measure(base: &BaseModel, ids: &[u32], steps: usize) -> Result<Decode
         prefill_tokens_per_s: ids.len() as f64 / (prefill_ms / 1e3),
         decode_steps: steps,
         decode_ms_per_token: decode_ms / steps.max(1) as f64,
-        replayed_decode_ms_per_token,
+        replayed_decode_ms_per_token: replayed.map(|r| r.0),
+        replayed_from_graph: replayed.map(|r| r.1),
         top_logits: top,
     })
 }
@@ -609,10 +605,13 @@ pub fn run(model: &ModelArgs, args: BenchArgs) -> Result<()> {
             "\ndecoder at batch 1: prefill {} tokens in {:.2} ms ({:.0} tokens/s); decode {:.3} ms per token ({} steps)",
             s.prompt_tokens, s.prefill_ms, s.prefill_tokens_per_s, s.decode_ms_per_token, s.decode_steps
         );
-        if let Some(ms) = s.replayed_decode_ms_per_token {
-            println!(
-                "replayed steps (CUDA graphs, token read back each step): {ms:.3} ms per token"
-            );
+        if let (Some(ms), Some(graph)) = (s.replayed_decode_ms_per_token, s.replayed_from_graph) {
+            let how = if graph {
+                "a CUDA graph"
+            } else {
+                "eager: the capture failed"
+            };
+            println!("replayed steps ({how}; token read back each step): {ms:.3} ms per token");
         }
         decoder_section = Some(s);
     }
