@@ -879,8 +879,18 @@ impl Router {
                 dec.logits(&picked)?
             }
             Kv::Replay { replay, .. } => {
+                // A first step scores each row's last column; a later one
+                // each row's last real token and its drafts, never more than
+                // `drafts + 1` per row whatever the width (the forced call
+                // opening widens a step without being scored), so the logits
+                // buffer and the head's work stay small.
                 let (n, capacity) = (replay.cache.rows(), replay.cache.capacity());
-                let room = if first { n } else { n * width };
+                let per_row = if first {
+                    1
+                } else {
+                    width.min(self.draft_tokens() + 1)
+                };
+                let room = n * per_row;
                 let step = match replay.steps.entry((width, room)) {
                     std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
                     std::collections::hash_map::Entry::Vacant(e) => {
