@@ -690,12 +690,22 @@ impl Router {
         let mut first_step = true;
         let mut call_probability = vec![0f32; n];
         while !active.is_empty() {
-            if let Kv::Replay { replay, .. } = &kv {
-                // A batch that would outgrow its capacity goes on with a
-                // growing cache of its active rows.
-                let width = step_width(&rows, &active, first_step, true);
-                if replay.cache.len() + width > replay.cache.capacity() {
+            // A batch that would outgrow its static cache goes on with a
+            // growing copy of its active rows; the static cache (its prefix
+            // still in place) and its graphs serve the next batch.
+            let outgrown = match &kv {
+                Kv::Replay { replay, .. } => {
+                    let width = step_width(&rows, &active, first_step, true);
+                    replay.cache.len() + width > replay.cache.capacity()
+                }
+                Kv::Growing(_) => false,
+            };
+            if outgrown {
+                if let Kv::Replay { key, replay } =
+                    std::mem::replace(&mut kv, Kv::Growing(Cache::default()))
+                {
                     kv = Kv::Growing(replay.cache.to_cache()?.select(&active)?);
+                    self.replays.by_shape.insert(key, replay);
                 }
             }
             let (logits, spans) = self.step(&mut rows, &active, &mut kv, first_step)?;

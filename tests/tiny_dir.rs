@@ -86,3 +86,30 @@ fn replayed_steps_write_what_the_growing_cache_writes() {
     }
     assert!(growing.iter().any(|d| d.new_tokens > 8), "{growing:?}");
 }
+
+/// A batch that outgrows its replayed cache (hundreds of generated tokens)
+/// goes on with a growing copy and still writes what the growing cache
+/// writes; the next batch replays again.
+#[test]
+fn a_batch_that_outgrows_its_replayed_cache_goes_on_unchanged() {
+    let dir = common::tiny_gemma3_dir();
+    let base = router::model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let mut router = Router::new(
+        base,
+        RouterConfig {
+            max_new_tokens: 700,
+            stop_at_chat: false,
+            draft_tokens: Some(0),
+            cuda_graphs: Some(false),
+            ..RouterConfig::default()
+        },
+    )
+    .unwrap();
+    let texts = ["draw a cat", "hello there"];
+    let growing = router.route_batch(&texts).unwrap();
+    // More than the capacity leaves after any prefix and first step (448).
+    assert!(growing.iter().any(|d| d.new_tokens > 448), "{growing:?}");
+    router.config.cuda_graphs = Some(true);
+    assert_eq!(router.route_batch(&texts).unwrap(), growing);
+    assert_eq!(router.route_batch(&texts).unwrap(), growing);
+}
