@@ -5,11 +5,13 @@
 //! - [`model`]: configuration, one file per architecture family (defaults,
 //!   GGUF names and weight fixes), the one decoder (used for inference and
 //!   training), adapted linear layers with their LoRA runtime, batches and
-//!   the KV cache, loading from GGUF, safetensors directories and hub ids.
+//!   the KV caches (growing, and preallocated for steps replayed from CUDA
+//!   graphs), loading from GGUF, safetensors directories and hub ids.
 //! - [`tokenizer`]: `tokenizer.json`, or SentencePiece BPE rebuilt from GGUF.
 //! - [`lora`]: PEFT-compatible LoRA adapters (config, files, apply, init, save).
 //! - [`prompt`]: THE prompt format and THE strict call parser.
-//! - [`router`]: batched, early-stopping routing decisions.
+//! - [`router`]: batched, early-stopping routing decisions (replayed steps on
+//!   CUDA).
 //! - [`engine`]: the routing thread and its queue, serving async callers.
 //! - [`dataset`]: the JSONL conversation schema and routing metrics.
 //! - [`device`]: choosing CPU or CUDA.

@@ -14,6 +14,13 @@
 //! [`Router::extract_prompts`] forces the call opening and lets the model
 //! write only the prompt (a moderator said "this should have been a picture").
 //!
+//! On CUDA a batch of up to 16 messages is decided with replayed steps
+//! ([`RouterConfig::cuda_graphs`]): its keys and values go into a static
+//! cache kept per batch size, which also keeps the system prefix from one
+//! batch to the next, and each step shape is captured once as a CUDA graph
+//! ([`GraphStep`]) and then launched whole. Everything else (the CPU, larger
+//! batches, long messages) steps eagerly over a growing [`Cache`].
+//!
 //! The engine thread that serves async callers lives in [`crate::engine`].
 
 use std::collections::HashMap;
