@@ -129,6 +129,7 @@ impl Engine {
 /// The engine thread's loop: wait for a request, take whatever else is
 /// waiting, serve it all in order, repeat until every handle is gone.
 fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathBuf>>>) {
+    warm_up(&mut router);
     let mut queue = VecDeque::new();
     while let Ok(first) = rx.recv() {
         queue.push_back(first);
@@ -172,6 +173,8 @@ fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathB
                             if let Ok(mut l) = live.lock() {
                                 *l = now;
                             }
+                            // New weights dropped the captured steps.
+                            warm_up(&mut router);
                         }
                         Err(e) => {
                             tracing::error!(error = %e, "adapter refused; the previous one keeps serving")
@@ -181,6 +184,21 @@ fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathB
                 }
             }
         }
+    }
+}
+
+/// Captures the replayed step shapes before messages need them (CUDA);
+/// a failure only costs the first messages their capture time.
+fn warm_up(router: &mut Router) {
+    let started = Instant::now();
+    match router.warm_up() {
+        Ok(0) => {}
+        Ok(shapes) => tracing::info!(
+            shapes,
+            ms = started.elapsed().as_millis() as u64,
+            "replayed steps ready"
+        ),
+        Err(e) => tracing::warn!(error = %e, "could not prepare the replayed steps"),
     }
 }
 

@@ -30,7 +30,7 @@ use candle_core::Tensor;
 use serde::Serialize;
 
 use crate::lora::Adapter;
-use crate::model::{dense_batch, BaseModel, Batch, Cache, GraphStep, Mode, StaticCache};
+use crate::model::{dense_batch, BaseModel, Batch, Cache, Decoder, GraphStep, Mode, StaticCache};
 use crate::prompt::{parse_reply, progress, Progress, Reply};
 use crate::{Error, Result};
 
@@ -168,6 +168,53 @@ struct Replay {
     cache: StaticCache,
     prefix_len: Option<usize>,
     steps: HashMap<(usize, usize), GraphStep>,
+}
+
+impl Replay {
+    /// Runs the step of `width` columns scoring `room` of them (see
+    /// [`GraphStep::run`]); the step is made, and on CUDA captured, the
+    /// first time its shape is asked for. The caller records the step in
+    /// the cache (`advance`) when it is part of a batch.
+    fn run(
+        &mut self,
+        dec: &Decoder,
+        width: usize,
+        room: usize,
+        tokens: &[u32],
+        batch: &Batch,
+        scored: &[u32],
+    ) -> Result<Tensor> {
+        let (rows, capacity) = (self.cache.rows(), self.cache.capacity());
+        let step = match self.steps.entry((width, room)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(GraphStep::new(dec, rows, width, capacity, room)?)
+            }
+        };
+        Ok(step.run(dec, &self.cache, tokens, batch, scored)?)
+    }
+
+    /// Starts a batch after the system prefix: kept in place when it is
+    /// already there, else loaded.
+    fn start(&mut self, prefix_len: usize, prefix: &Cache) -> Result<()> {
+        if self.prefix_len == Some(prefix_len) {
+            self.cache.truncate(prefix_len);
+        } else {
+            self.cache.reset();
+            self.cache.load(&prefix.repeat(self.cache.rows())?)?;
+            self.prefix_len = Some(prefix_len);
+        }
+        Ok(())
+    }
+}
+
+/// Columns a replayed step of `rows` x `width` scores: a first step each
+/// row's last column; a later one each row's last real token and its
+/// drafts, never more than `drafts + 1` per row whatever the width (the
+/// forced call opening widens a step without being scored), so the logits
+/// buffer and the head's work stay small.
+fn scored_room(rows: usize, width: usize, first: bool, drafts: usize) -> usize {
+    rows * if first { 1 } else { width.min(drafts + 1) }
 }
 
 /// Where a batch's keys and values live while it is decided.
@@ -611,13 +658,7 @@ impl Router {
         let longest = inputs.iter().map(Vec::len).max().unwrap_or(0);
         let kv = match self.take_replay(inputs.len(), longest, prefix_len)? {
             Some((key, mut replay)) => {
-                if replay.prefix_len == Some(prefix_len) {
-                    replay.cache.truncate(prefix_len);
-                } else {
-                    replay.cache.reset();
-                    replay.cache.load(&prefix.repeat(key.0)?)?;
-                    replay.prefix_len = Some(prefix_len);
-                }
+                replay.start(prefix_len, &prefix)?;
                 Kv::Replay { key, replay }
             }
             None => Kv::Growing(prefix.repeat(inputs.len())?),
@@ -634,6 +675,54 @@ impl Router {
             })
             .collect();
         self.decide_rows(rows, kv, opening)
+    }
+
+    /// Makes (and on CUDA captures) every replayed step shape that batches
+    /// of up to `max_batch` messages will need: first steps up to
+    /// [`REPLAY_MAX_FIRST`] columns and later ones up to the widest that the
+    /// forced call opening plus drafts makes, so that no message pays for a
+    /// capture. The steps run on padding only; the static caches keep just
+    /// the system prefix. Returns how many step shapes are ready (0 where
+    /// batches are not replayed). The weights' next change drops them all.
+    pub fn warm_up(&mut self) -> Result<usize> {
+        if !self.replays_steps() {
+            return Ok(0);
+        }
+        let (prefix_len, prefix) = self.prefix_cache()?;
+        let drafts = self.draft_tokens();
+        let widest = (self.call_prefix_ids.len() + drafts + 1).next_power_of_two();
+        let mut shapes: Vec<(usize, bool)> = (REPLAY_FIRST_STEP..=REPLAY_MAX_FIRST)
+            .step_by(REPLAY_FIRST_STEP)
+            .map(|w| (w, true))
+            .collect();
+        shapes.extend(
+            std::iter::successors(Some(1), |w| Some(w * 2))
+                .take_while(|&w| w <= widest)
+                .map(|w| (w, false)),
+        );
+        let largest = self.config.max_batch.clamp(1, REPLAY_MAX_ROWS);
+        let mut ready = 0;
+        for rows in
+            std::iter::successors(Some(1usize), |r| Some(r * 2)).take_while(|&r| r < 2 * largest)
+        {
+            let Some((key, mut replay)) = self.take_replay(rows, 0, prefix_len)? else {
+                continue;
+            };
+            replay.start(prefix_len, &prefix)?;
+            let dec = &self.base.decoder;
+            for &(width, first) in &shapes {
+                let room = scored_room(rows, width, first, drafts);
+                let batch = Batch {
+                    rows: vec![vec![None; width]; rows],
+                };
+                let tokens = vec![0u32; rows * width];
+                // Not advanced: the columns it wrote stay masked.
+                replay.run(dec, width, room, &tokens, &batch, &[0])?;
+                ready += 1;
+            }
+            self.replays.by_shape.insert(key, replay);
+        }
+        Ok(ready)
     }
 
     /// Whether batches are decided with replayed steps on this device.
@@ -896,25 +985,8 @@ impl Router {
                 dec.logits(&picked)?
             }
             Kv::Replay { replay, .. } => {
-                // A first step scores each row's last column; a later one
-                // each row's last real token and its drafts, never more than
-                // `drafts + 1` per row whatever the width (the forced call
-                // opening widens a step without being scored), so the logits
-                // buffer and the head's work stay small.
-                let (n, capacity) = (replay.cache.rows(), replay.cache.capacity());
-                let per_row = if first {
-                    1
-                } else {
-                    width.min(self.draft_tokens() + 1)
-                };
-                let room = n * per_row;
-                let step = match replay.steps.entry((width, room)) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(e) => {
-                        e.insert(GraphStep::new(dec, n, width, capacity, room)?)
-                    }
-                };
-                let logits = step.run(dec, &replay.cache, &tokens, &batch, &scored)?;
+                let room = scored_room(replay.cache.rows(), width, first, self.draft_tokens());
+                let logits = replay.run(dec, width, room, &tokens, &batch, &scored)?;
                 replay.cache.advance(&batch)?;
                 logits
             }

@@ -113,3 +113,38 @@ fn a_batch_that_outgrows_its_replayed_cache_goes_on_unchanged() {
     assert_eq!(router.route_batch(&texts).unwrap(), growing);
     assert_eq!(router.route_batch(&texts).unwrap(), growing);
 }
+
+/// Warming up makes every replayed step shape ahead of the messages (on
+/// padding only), and what the router writes afterwards does not change.
+#[test]
+fn warming_up_prepares_the_replayed_steps_and_changes_nothing() {
+    let dir = common::tiny_gemma3_dir();
+    let base = router::model::load(dir.to_str().unwrap(), &Device::Cpu).unwrap();
+    let mut router = Router::new(
+        base,
+        RouterConfig {
+            max_new_tokens: 30,
+            stop_at_chat: false,
+            max_batch: 4,
+            cuda_graphs: Some(false),
+            ..RouterConfig::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        router.warm_up().unwrap(),
+        0,
+        "nothing to prepare without replays"
+    );
+    let texts = ["draw a cat draw a cat", "hello there", "幫我畫一隻貓 🐱"];
+    let growing = router.route_batch(&texts).unwrap();
+    router.config.cuda_graphs = Some(true);
+    // Batches of 1, 2 and 4 rows; 8 first-step widths and later widths up
+    // to the call opening plus drafts.
+    let shapes = router.warm_up().unwrap();
+    assert!(shapes >= 3 * (8 + 4), "{shapes}");
+    assert_eq!(router.route_batch(&texts).unwrap(), growing);
+    for (t, want) in texts.iter().zip(&growing) {
+        assert_eq!(&router.route(t).unwrap(), want, "{t}");
+    }
+}
