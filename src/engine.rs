@@ -187,8 +187,9 @@ fn serve(mut router: Router, rx: Receiver<Request>, live: Arc<Mutex<Option<PathB
     }
 }
 
-/// Captures the replayed step shapes before messages need them (CUDA);
-/// a failure only costs the first messages their capture time.
+/// Prepares the system prefix and (on CUDA) the replayed step shapes
+/// before messages need them; a failure only costs the first messages the
+/// time to make them.
 fn warm_up(router: &mut Router) {
     let started = Instant::now();
     match router.warm_up() {

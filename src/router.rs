@@ -677,18 +677,20 @@ impl Router {
         self.decide_rows(rows, kv, opening)
     }
 
-    /// Makes (and on CUDA captures) every replayed step shape that batches
-    /// of up to `max_batch` messages will need: first steps up to
-    /// [`REPLAY_MAX_FIRST`] columns and later ones up to the widest that the
-    /// forced call opening plus drafts makes, so that no message pays for a
-    /// capture. The steps run on padding only; the static caches keep just
+    /// Prepares what the first messages would otherwise pay for: the
+    /// system prefix's keys and values (on every device; about 1.5 s on
+    /// two CPU cores), and where batches are replayed every step shape that
+    /// batches of up to `max_batch` messages will need (made, and on CUDA
+    /// captured): first steps up to [`REPLAY_MAX_FIRST`] columns and later
+    /// ones up to the widest that the forced call opening plus drafts
+    /// makes. The steps run on padding only; the static caches keep just
     /// the system prefix. Returns how many step shapes are ready (0 where
-    /// batches are not replayed). The weights' next change drops them all.
+    /// batches are not replayed). The weights' next change drops it all.
     pub fn warm_up(&mut self) -> Result<usize> {
+        let (prefix_len, prefix) = self.prefix_cache()?;
         if !self.replays_steps() {
             return Ok(0);
         }
-        let (prefix_len, prefix) = self.prefix_cache()?;
         let drafts = self.draft_tokens();
         let widest = (self.call_prefix_ids.len() + drafts + 1).next_power_of_two();
         let mut shapes: Vec<(usize, bool)> = (REPLAY_FIRST_STEP..=REPLAY_MAX_FIRST)
