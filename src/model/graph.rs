@@ -4,8 +4,9 @@
 //! by the weights it reads: eager candle queues several hundred small
 //! kernels per step, each with its host-side work (about 8 ms for the 270M
 //! model on an H200 against a 0.13 ms weight-read floor). A [`GraphStep`]
-//! runs one step shape eagerly once, captures the same step as a CUDA
-//! graph, and from then on launches the whole graph with one call.
+//! runs one step shape eagerly once (that run's outputs are the step's),
+//! captures the same step as a CUDA graph, and from then on launches the
+//! whole graph with one call.
 //!
 //! A replay runs the captured kernels on the captured addresses, so
 //! everything a step reads or writes lives in buffers allocated once: the
@@ -149,6 +150,8 @@ impl GraphStep {
         // eager warm-up fills and the capture requires.
         let _params = cuda.enable_cuda_graph_htod_cache();
         if let Graph::Pending = self.graph {
+            // The eager run is this step (its outputs stand) and the warm-up
+            // the capture needs; the capture only records.
             self.body(dec, cache)?;
             self.graph = match capture(cuda, || self.body(dec, cache)) {
                 Ok(graph) => Graph::Ready(SendGraph(graph)),
@@ -162,6 +165,7 @@ impl GraphStep {
                     Graph::Eager
                 }
             };
+            return Ok(());
         }
         match &self.graph {
             Graph::Ready(graph) => graph
