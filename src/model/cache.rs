@@ -171,7 +171,7 @@ pub(crate) fn build_mask(
 
 /// The sliding window of the model's sliding layers, when it has any (only
 /// then does a step need a second mask).
-fn local_window(cfg: &ModelConfig) -> Option<usize> {
+pub(crate) fn local_window(cfg: &ModelConfig) -> Option<usize> {
     let sliding = cfg
         .sliding_layers
         .iter()

@@ -21,7 +21,7 @@
 
 use candle_core::{DType, Device, Module, Tensor, D};
 
-use super::cache::{build_mask, Batch, Cache, StaticCache, StepInputs};
+use super::cache::{build_mask, local_window, Batch, Cache, StaticCache, StepInputs};
 use super::config::{ModelConfig, RopeScaling};
 use super::family::{Activation, Family};
 use super::linear::{
@@ -458,10 +458,7 @@ impl Decoder {
         let keys = past.first().map_or(0, Vec::len) + t;
         let mask = |window| build_mask(past, batch, keys, window, self.dtype, dev);
         let mask_global = mask(None)?;
-        let mask_local = match (self.needs_local(), self.cfg.sliding_window) {
-            (true, Some(w)) => Some(mask(Some(w))?),
-            _ => None,
-        };
+        let mask_local = local_window(&self.cfg).map(|w| mask(Some(w))).transpose()?;
         let masks = Masks {
             global: &mask_global,
             local: mask_local.as_ref(),
@@ -536,8 +533,7 @@ impl Decoder {
                 self.layers.len()
             );
         }
-        let wants_local = self.needs_local() && self.cfg.sliding_window.is_some();
-        if inputs.mask_local().is_some() != wants_local {
+        if inputs.mask_local().is_some() != local_window(&self.cfg).is_some() {
             candle_core::bail!("the step inputs were built for a model with other sliding layers");
         }
         #[cfg(feature = "cuda")]
@@ -582,7 +578,7 @@ impl Decoder {
     }
 
     /// Whether any layer uses the sliding window (and so the local rotary
-    /// tables and, given a window, the local mask).
+    /// tables; the local mask also needs a window: `local_window`).
     fn needs_local(&self) -> bool {
         self.layers.iter().any(|l| l.sliding)
     }
