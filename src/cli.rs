@@ -101,8 +101,20 @@ pub struct ModelArgs {
     pub cuda_graphs: Toggle,
 }
 
-/// `auto`, `on` or `off`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+/// `auto`, `on` or `off` (`--cuda-graphs`, `train --shared-prefix`);
+/// recorded by its command-line name.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
 pub enum Toggle {
     #[default]
     Auto,
@@ -118,6 +130,11 @@ impl Toggle {
             Toggle::On => Some(true),
             Toggle::Off => Some(false),
         }
+    }
+
+    /// Whether it is on, `auto` standing for `when_auto`.
+    pub fn is_on(self, when_auto: bool) -> bool {
+        self.forced().unwrap_or(when_auto)
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, D};
 use clap::Args;
+use router::cli::Toggle;
 use router::dataset::{read_merged, Example};
 use router::lora::{self, Adapter, LoraConfig};
 use router::model::{dense_batch, Batch, Cache, Decoder, Dropout, Mode};
@@ -103,9 +104,9 @@ pub struct FitArgs {
     /// `auto`: on the CPU, where it halves a step (56 -> 109 tokens/s), and
     /// not on a GPU, where the extra pass costs more kernel launches than
     /// it saves (H200: 5,441 tokens/s whole rows against 3,477 shared).
-    #[arg(long, value_enum, default_value_t = SharedPrefix::Auto)]
+    #[arg(long, value_enum, default_value_t = Toggle::Auto)]
     #[serde(default)]
-    pub shared_prefix: SharedPrefix,
+    pub shared_prefix: Toggle,
     /// Group rows of similar length into each step (less padding; the
     /// steps' order stays random). Off by default: on the dev CPU it did not
     /// change tokens/s once the shared prefix is passed once (109 both).
@@ -358,25 +359,10 @@ fn shared_prefix_len(batch: &[&Tokenized]) -> usize {
 /// Below this many shared tokens the extra pass is not worth it.
 const MIN_SHARED_PREFIX: usize = 8;
 
-/// Whether a training step passes the rows' shared prefix once (`--shared-prefix`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SharedPrefix {
-    /// On the CPU only.
-    #[default]
-    Auto,
-    On,
-    Off,
-}
-
-impl SharedPrefix {
-    fn applies_on(self, device: &Device) -> bool {
-        match self {
-            Self::Auto => device.is_cpu(),
-            Self::On => true,
-            Self::Off => false,
-        }
-    }
+/// Whether a training step on `device` passes the rows' shared prefix once
+/// (`--shared-prefix`; `auto`: on the CPU only).
+fn passes_shared_prefix(setting: Toggle, device: &Device) -> bool {
+    setting.is_on(device.is_cpu())
 }
 
 /// Sum of the answer tokens' negative log-likelihood, divided by `norm`,
@@ -778,7 +764,7 @@ fn train_loop(
     bar.set_position(first_step as u64);
     let mut tokens_seen = 0usize;
     let loop_started = Instant::now();
-    let share_prefix = args.shared_prefix.applies_on(&device);
+    let share_prefix = passes_shared_prefix(args.shared_prefix, &device);
     // This epoch's order of the training rows (reshuffled once per epoch).
     let lengths: Vec<usize> = train.iter().map(|t| t.ids.len()).collect();
     let mut epoch_order: Option<(usize, Vec<usize>)> = None;
@@ -1052,12 +1038,12 @@ mod tests {
 
     #[test]
     fn the_shared_prefix_is_passed_once_on_the_cpu_unless_told_otherwise() {
-        assert!(SharedPrefix::Auto.applies_on(&Device::Cpu));
-        assert!(!SharedPrefix::Off.applies_on(&Device::Cpu));
-        assert!(SharedPrefix::On.applies_on(&Device::Cpu));
+        assert!(passes_shared_prefix(Toggle::Auto, &Device::Cpu));
+        assert!(!passes_shared_prefix(Toggle::Off, &Device::Cpu));
+        assert!(passes_shared_prefix(Toggle::On, &Device::Cpu));
         // `train_args.json` records the setting by its command-line name.
         assert_eq!(
-            serde_json::to_value(SharedPrefix::Auto).unwrap(),
+            serde_json::to_value(Toggle::Auto).unwrap(),
             serde_json::json!("auto")
         );
     }
