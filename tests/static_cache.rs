@@ -122,15 +122,20 @@ fn run_growing(dec: &Decoder) -> Vec<Tensor> {
 }
 
 /// Hidden states of every step with `cache` (emptied, then loaded with
-/// the prefix), one set of step inputs per width refilled at every step
-/// of that width, as graph replay would.
+/// the prefix); see [`static_steps`].
 fn run_static(dec: &Decoder, cache: &mut StaticCache) -> Vec<Tensor> {
     cache.reset();
     cache.load(&prefix(dec).repeat(ROWS).unwrap()).unwrap();
     assert_eq!(cache.len(), PREFIX);
+    static_steps(dec, cache, script())
+}
+
+/// Runs `steps` on `cache` (static), one set of step inputs per width
+/// refilled at every step of that width, as graph replay would.
+fn static_steps(dec: &Decoder, cache: &mut StaticCache, steps: Vec<Step>) -> Vec<Tensor> {
     let capacity = cache.capacity();
     let mut inputs = Vec::new();
-    script()
+    steps
         .into_iter()
         .map(|s| {
             let width = s.batch.width();
@@ -300,25 +305,6 @@ fn exceeding_the_capacity_is_an_error() {
         let err = dec.forward_static(&other, &cache).unwrap_err().to_string();
         assert!(err.contains("9 columns"), "{err}");
     }
-}
-
-/// Runs `steps` on `cache` (static) with fresh step inputs per step.
-fn static_steps(dec: &Decoder, cache: &mut StaticCache, steps: Vec<Step>) -> Vec<Tensor> {
-    steps
-        .into_iter()
-        .map(|s| {
-            let mut inputs = dec
-                .step_inputs(ROWS, s.batch.width(), cache.capacity())
-                .unwrap();
-            inputs.fill(&s.tokens, &s.batch, cache).unwrap();
-            let h = dec.forward_static(&inputs, cache).unwrap();
-            cache.advance(&s.batch).unwrap();
-            for (row, n) in s.forget.into_iter().enumerate() {
-                cache.forget_last(row, n);
-            }
-            h
-        })
-        .collect()
 }
 
 /// What the router does with a static cache besides stepping it: keep the
