@@ -12,6 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor, Var};
 
+use super::grad;
 use super::q8::Q8Matrix;
 
 use crate::rng::SplitMix64;
@@ -21,8 +22,9 @@ use crate::rng::SplitMix64;
 pub enum Mode<'a> {
     /// Fused kernels (no gradients) and the KV cache.
     Infer,
-    /// Composed ops that record gradients; LoRA dropout draws its masks from
-    /// the given generator, which the trainer owns (one per step).
+    /// The same kernels, each block recorded as one gradient-graph node with
+    /// its own backward (`grad.rs`); LoRA dropout draws its masks from the
+    /// given generator, which the trainer owns (one per step).
     Train(&'a Dropout),
 }
 
@@ -51,20 +53,26 @@ impl Dropout {
         })
     }
 
-    /// Inverted dropout: zeroes each element with probability `p`, scales
-    /// the rest by `1 / (1 - p)`.
-    fn apply(&self, x: &Tensor, p: f64) -> candle_core::Result<Tensor> {
-        if !x.device().is_cpu() {
-            return candle_nn::ops::dropout(x, p as f32);
+    /// An inverted-dropout mask of `shape` (f32): each element is 0 with
+    /// probability `p` and `1 / (1 - p)` otherwise.
+    pub(crate) fn keep_mask(
+        &self,
+        shape: (usize, usize),
+        p: f64,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let keep = 1.0 / (1.0 - p);
+        if !device.is_cpu() {
+            let draw = Tensor::rand(0f32, 1f32, shape, device)?;
+            return draw.ge(p)?.to_dtype(DType::F32)?.affine(keep, 0.0);
         }
         let call = self.calls.get();
         self.calls.set(call + 1);
         let mut rng = SplitMix64(self.seed ^ call.wrapping_mul(0xA24B_AED4_963E_E407));
-        let keep = (1.0 / (1.0 - p)) as f32;
-        let mask: Vec<f32> = (0..x.elem_count())
-            .map(|_| if rng.next_f64() < p { 0.0 } else { keep })
+        let mask: Vec<f32> = (0..shape.0 * shape.1)
+            .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
             .collect();
-        x * Tensor::from_vec(mask, x.shape(), x.device())?
+        Tensor::from_vec(mask, shape, device)
     }
 }
 
@@ -97,17 +105,6 @@ impl Lora {
     /// `B`, `[out, r]` (f32).
     pub fn b(&self) -> &Var {
         &self.b
-    }
-
-    /// `scaling · B A x` in f32 (`x` of any leading shape).
-    pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
-        let x = match mode {
-            Mode::Train(rng) if self.dropout > 0.0 => rng.apply(&x, self.dropout)?,
-            _ => x,
-        };
-        let h = matmul_t(&x, self.a.as_tensor())?;
-        matmul_t(&h, self.b.as_tensor())? * self.scaling
     }
 
     /// `scaling · B A`, the weight delta, `[out, in]` in f32.
@@ -332,19 +329,32 @@ impl Linear {
 
     pub fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         let w = self.merged.as_ref().unwrap_or(&self.weight);
-        let y = match mode {
-            Mode::Infer => match q8_forward(self.q8.as_ref(), x, Q8_MAX_ROWS)? {
-                Some(y) => y,
-                None => matmul_t(x, w)?,
-            },
-            Mode::Train(_) => frozen_matmul_t(x, w)?,
-        };
-        match (&self.lora, &self.merged) {
-            (Some(lora), None) => {
-                let delta = lora.forward(x, mode)?.to_dtype(y.dtype())?;
-                y + delta
+        match (&self.lora, &self.merged, mode) {
+            // An unmerged (trainable) pair: one node for the projection and
+            // its adapter, its dropout mask drawn in training only.
+            (Some(lora), None, _) => {
+                let keep = match mode {
+                    Mode::Train(rng) if lora.dropout > 0.0 => {
+                        let features = x.dims().last().copied().unwrap_or(1).max(1);
+                        let rows = x.elem_count() / features;
+                        Some(rng.keep_mask((rows, features), lora.dropout, x.device())?)
+                    }
+                    _ => None,
+                };
+                grad::lora_linear(
+                    x,
+                    w,
+                    lora.a.as_tensor(),
+                    lora.b.as_tensor(),
+                    lora.scaling,
+                    keep,
+                )
             }
-            _ => Ok(y),
+            (_, _, Mode::Infer) => match q8_forward(self.q8.as_ref(), x, Q8_MAX_ROWS)? {
+                Some(y) => Ok(y),
+                None => matmul_t(x, w),
+            },
+            (_, _, Mode::Train(_)) => frozen_matmul_t(x, w),
         }
     }
 }

@@ -13,6 +13,7 @@ pub mod config;
 mod family;
 mod gemma3;
 pub mod gguf;
+mod grad;
 mod graph;
 mod linear;
 mod llama;

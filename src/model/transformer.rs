@@ -19,24 +19,23 @@
 //! The blocks are private: callers change adapters through the verbs of
 //! [`Decoder`] and [`Linear`], never by editing fields.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Device, Module, Tensor};
 
 use super::cache::{build_mask, local_window, Batch, Cache, StaticCache, StepInputs};
 use super::config::{ModelConfig, RopeScaling};
 use super::family::{Activation, Family};
+use super::grad;
 use super::linear::{
     frozen_matmul_t, linear, q8_forward, q8_head_copy, Linear, Lora, Mode, Q8Copy, Q8_HEAD_MAX_ROWS,
 };
 
-/// Root-mean-square norm. `alpha` is the effective multiplier in f32 (Gemma's
-/// `1 + w` folded in at load time), used by training's composed ops;
-/// `alpha_infer` is the same in the compute dtype for the fused kernel (which
-/// takes it in the input's dtype and computes in f32 inside), times a scale
-/// folded in at load (the query norm carries the attention scale).
+/// Root-mean-square norm through candle's fused kernel (f32 inside) in
+/// inference and in training alike. `alpha` is the effective multiplier in
+/// the compute dtype: Gemma's `1 + w` folded in at load time, times a scale
+/// where one is folded in (the query norm carries the attention scale).
 #[derive(Debug, Clone)]
 struct RmsNorm {
     alpha: Tensor,
-    alpha_infer: Tensor,
     eps: f64,
 }
 
@@ -49,35 +48,30 @@ impl RmsNorm {
         size: usize,
         eps: f64,
     ) -> candle_core::Result<Self> {
+        Self::scaled(family, vb, size, eps, 1.0)
+    }
+
+    /// The same times `scale`, folded in f32 before the cast (exact when
+    /// `scale` is a power of two, as Gemma's `1/sqrt(256)` is).
+    fn scaled(
+        family: &Family,
+        vb: &candle_nn::VarBuilder,
+        size: usize,
+        eps: f64,
+        scale: f64,
+    ) -> candle_core::Result<Self> {
         let w = vb.to_dtype(DType::F32).get(size, "weight")?;
         let alpha = if family.norm_plus_one { (w + 1.0)? } else { w };
-        let alpha_infer = alpha.to_dtype(vb.dtype())?;
         Ok(Self {
-            alpha,
-            alpha_infer,
+            alpha: alpha.affine(scale, 0.0)?.to_dtype(vb.dtype())?,
             eps,
         })
     }
 
-    /// Multiplies the inference alpha by `scale` (exact when `scale` is a
-    /// power of two, as Gemma's `1/sqrt(256)` is).
-    fn with_infer_scale(mut self, scale: f64) -> candle_core::Result<Self> {
-        self.alpha_infer = (self.alpha.clone() * scale)?.to_dtype(self.alpha_infer.dtype())?;
-        Ok(self)
-    }
-
     fn forward(&self, x: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
         match mode {
-            Mode::Infer => {
-                candle_nn::ops::rms_norm(&x.contiguous()?, &self.alpha_infer, self.eps as f32)
-            }
-            Mode::Train(_) => {
-                let x32 = x.to_dtype(DType::F32)?;
-                let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
-                x32.broadcast_div(&(ms + self.eps)?.sqrt()?)?
-                    .broadcast_mul(&self.alpha)?
-                    .to_dtype(x.dtype())
-            }
+            Mode::Infer => candle_nn::ops::rms_norm(&x.contiguous()?, &self.alpha, self.eps as f32),
+            Mode::Train(_) => grad::rms_norm(x, &self.alpha, self.eps),
         }
     }
 }
@@ -150,15 +144,7 @@ impl Rotary {
 fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> candle_core::Result<Tensor> {
     match mode {
         Mode::Infer => candle_nn::rotary_emb::rope_thd(&x.contiguous()?, cos, sin),
-        Mode::Train(_) => {
-            let cos = Tensor::cat(&[cos, cos], D::Minus1)?.unsqueeze(2)?;
-            let sin = Tensor::cat(&[sin, sin], D::Minus1)?.unsqueeze(2)?;
-            let d = x.dim(D::Minus1)?;
-            let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-            let x2 = x.narrow(D::Minus1, d / 2, d - d / 2)?;
-            let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-            x.broadcast_mul(&cos)? + rotated.broadcast_mul(&sin)?
-        }
+        Mode::Train(_) => grad::rope(x, cos, sin),
     }
 }
 
@@ -312,32 +298,20 @@ impl Attention {
         let rep = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        let scores = q.matmul(&k.t()?)?;
-        // Inference folds the scale into the query norm when there is one.
-        let scores = match (mode, &self.q_norm) {
-            (Mode::Infer, Some(_)) => scores,
-            _ => (scores * (1.0 / cfg.query_pre_attn_scalar.sqrt()))?,
+        // The query norm carries the attention scale when there is one.
+        let scale = match &self.q_norm {
+            Some(_) => None,
+            None => Some(1.0 / cfg.query_pre_attn_scalar.sqrt()),
         };
-        let scores = match cfg.attn_logit_softcapping {
-            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
-            None => scores,
+        let softcap = cfg.attn_logit_softcapping;
+        let out = match mode {
+            Mode::Infer => {
+                let probs = grad::attention_probs(&q, &k, mask, scale, softcap)?;
+                probs.matmul(&v)?
+            }
+            Mode::Train(_) => grad::attention(&q, &k, &v, mask, scale, softcap)?,
         };
-        // The mask broadcasts over the kv heads and the stacked query heads
-        // (a view of the scores as `[B, nkv, rep, T, S]`), so the host
-        // builds and uploads one row per query column.
-        let s = scores.dim(D::Minus1)?;
-        let scores = scores
-            .reshape((b, nkv, rep, t, s))?
-            .broadcast_add(&mask.unsqueeze(2)?)?
-            .reshape((b, nkv, rep * t, s))?
-            .to_dtype(DType::F32)?;
-        let probs = match mode {
-            Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
-            Mode::Train(_) => candle_nn::ops::softmax(&scores, D::Minus1)?,
-        }
-        .to_dtype(v.dtype())?;
-        let out = probs
-            .matmul(&v)?
+        let out = out
             .reshape((b, nh, t, hd))?
             .transpose(1, 2)?
             .reshape((b, t, nh * hd))?;
@@ -371,13 +345,18 @@ impl Decoder {
             cfg.num_key_value_heads,
             cfg.intermediate_size,
         );
-        let optional = |vb: &candle_nn::VarBuilder,
-                        name: Option<&str>,
-                        size: usize|
+        let scaled = |vb: &candle_nn::VarBuilder,
+                      name: Option<&str>,
+                      size: usize,
+                      scale: f64|
          -> candle_core::Result<Option<RmsNorm>> {
-            name.map(|n| RmsNorm::new(family, &vb.pp(n), size, eps))
+            name.map(|n| RmsNorm::scaled(family, &vb.pp(n), size, eps, scale))
                 .transpose()
         };
+        let optional = |vb: &candle_nn::VarBuilder, name: Option<&str>, size: usize| {
+            scaled(vb, name, size, 1.0)
+        };
+        let query_scale = 1.0 / cfg.query_pre_attn_scalar.sqrt();
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = m.pp(format!("layers.{i}"));
@@ -393,9 +372,7 @@ impl Decoder {
                     k_proj: linear(&a.pp("k_proj"), nkv * hd, h)?,
                     v_proj: linear(&a.pp("v_proj"), nkv * hd, h)?,
                     o_proj: linear(&a.pp("o_proj"), h, nh * hd)?,
-                    q_norm: optional(&a, family.qk_norm.then_some("q_norm"), hd)?
-                        .map(|n| n.with_infer_scale(1.0 / cfg.query_pre_attn_scalar.sqrt()))
-                        .transpose()?,
+                    q_norm: scaled(&a, family.qk_norm.then_some("q_norm"), hd, query_scale)?,
                     k_norm: optional(&a, family.qk_norm.then_some("k_norm"), hd)?,
                 },
                 mlp: Mlp {

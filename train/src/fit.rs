@@ -22,7 +22,7 @@ use router::router::{Router, RouterConfig};
 use serde::{Deserialize, Serialize};
 
 use crate::eval::{evaluate, print_report, Report};
-use crate::optim::{clip_grad_norm, learning_rate, AdamW, AdamWConfig};
+use crate::optim::{learning_rate, AdamW, AdamWConfig};
 use crate::progress_bar;
 
 /// Options of a training run (the original project's defaults).
@@ -818,8 +818,7 @@ fn train_loop(
             }
             tokens_seen += micro.iter().map(|t| t.ids.len()).sum::<usize>();
         }
-        let grad_norm = clip_grad_norm(&mut grads, args.max_grad_norm)?;
-        opt.apply(&grads, lr)?;
+        let grad_norm = opt.update(&grads, lr, args.max_grad_norm)?;
         let elapsed = loop_started.elapsed().as_secs_f64();
         let tps = tokens_seen as f64 / elapsed.max(1e-9);
         bar.inc(1);

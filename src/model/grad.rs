@@ -1,0 +1,589 @@
+//! Training's fused graph nodes: a forward computed by candle's fused
+//! kernels on detached inputs, recorded as one node of the gradient graph
+//! with a backward written out by hand.
+//!
+//! candle records every composed op as a node, and its backward pass costs
+//! several kernels per node (the gradient, a zeroed buffer, an add). A
+//! training step of Gemma-3-270M with LoRA on every projection had ~3,600
+//! nodes and well over 10,000 backward kernels, and on a GPU, where each
+//! kernel costs its launch, that overhead was the step's time. Each function
+//! here replaces a chain of composed ops by one node: a LoRA projection (12
+//! nodes before), an RMS norm (7), rotary embedding (10), the attention core
+//! (12). The forward kernels are the ones inference runs, so training and
+//! inference compute the same thing.
+//!
+//! The unit tests check every node's output and gradients against the
+//! composed ops it replaces.
+
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
+
+/// A node's backward: from the gradient of its output to the gradients of
+/// its (up to three) arguments, `None` where an argument needs none.
+type Backward =
+    Box<dyn Fn(&Tensor) -> candle_core::Result<[Option<Tensor>; 3]> + Send + Sync + 'static>;
+
+/// A recorded node: its output, already computed, and its backward.
+struct Node {
+    name: &'static str,
+    out: Tensor,
+    backward: Backward,
+}
+
+/// Records `out`, computed from detached copies of `args`, as one node over
+/// `args` whose backward is `backward`. Returns `out` itself when no
+/// argument records gradients (inference, or frozen inputs).
+fn record(
+    name: &'static str,
+    args: &[&Tensor],
+    out: Tensor,
+    backward: impl Fn(&Tensor) -> candle_core::Result<[Option<Tensor>; 3]> + Send + Sync + 'static,
+) -> candle_core::Result<Tensor> {
+    if !args.iter().any(|a| a.track_op()) {
+        return Ok(out);
+    }
+    // The node's forward hands over a copy of `out`'s buffer, which must
+    // then be exactly `out`'s elements in order.
+    let out = if out.is_contiguous() && out.layout().start_offset() == 0 {
+        out
+    } else {
+        out.force_contiguous()?
+    };
+    let node = Node {
+        name,
+        out,
+        backward: Box::new(backward),
+    };
+    match args {
+        [a] => a.apply_op1(node),
+        [a, b] => a.apply_op2(b, node),
+        [a, b, c] => a.apply_op3(b, c, node),
+        _ => candle_core::bail!("{name}: a node takes one to three arguments"),
+    }
+}
+
+impl Node {
+    fn cpu_out(&self) -> candle_core::Result<(CpuStorage, Shape)> {
+        let (storage, _) = self.out.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cpu(s) => Ok((s.clone(), self.out.shape().clone())),
+            _ => candle_core::bail!("{}: output is not on the CPU", self.name),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_out(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+        let (storage, layout) = self.out.storage_and_layout();
+        match &*storage {
+            candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, self.out.shape().clone())),
+            _ => candle_core::bail!("{}: output is not on a CUDA device", self.name),
+        }
+    }
+}
+
+impl CustomOp1 for Node {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_out()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_out()
+    }
+
+    fn bwd(&self, _: &Tensor, _: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+        let [a, _, _] = (self.backward)(grad)?;
+        Ok(a)
+    }
+}
+
+impl CustomOp2 for Node {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_out()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_out()
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        let [a, b, _] = (self.backward)(grad)?;
+        Ok((a, b))
+    }
+}
+
+impl CustomOp3 for Node {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        self.cpu_out()
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        self.cuda_out()
+    }
+
+    fn bwd(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let [a, b, c] = (self.backward)(grad)?;
+        Ok((a, b, c))
+    }
+}
+
+/// `rms_norm(x) · alpha` over the last axis with candle's fused kernel
+/// (f32 inside whatever `x`'s dtype), `alpha` frozen.
+pub(crate) fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    let xs = x.detach().contiguous()?;
+    let out = candle_nn::ops::rms_norm(&xs, alpha, eps as f32)?;
+    let alpha = alpha.to_dtype(DType::F32)?;
+    record("rms-norm", &[x], out, move |g| {
+        // y = a·x·r with r = (mean(x²) + eps)^-½, so
+        // dx = r·(g·a) - x·r³·mean(g·a·x).
+        let x32 = xs.to_dtype(DType::F32)?;
+        let ga = g.to_dtype(DType::F32)?.broadcast_mul(&alpha)?;
+        let r = x32
+            .sqr()?
+            .mean_keepdim(D::Minus1)?
+            .affine(1.0, eps)?
+            .sqrt()?
+            .recip()?;
+        let dot = (&ga * &x32)?.mean_keepdim(D::Minus1)?;
+        let c = (r.powf(3.0)? * dot)?;
+        let dx = (ga.broadcast_mul(&r)? - x32.broadcast_mul(&c)?)?;
+        Ok([Some(dx.to_dtype(xs.dtype())?), None, None])
+    })
+}
+
+/// Rotary embedding of `x: [B, T, H, D]` (non-interleaved halves) with
+/// `cos`/`sin` `[B, T, D/2]`, through candle's fused kernel. A rotation's
+/// transpose is the rotation by the opposite angle, so the backward is the
+/// same kernel with `-sin`.
+pub(crate) fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> candle_core::Result<Tensor> {
+    let out = candle_nn::rotary_emb::rope_thd(&x.detach().contiguous()?, cos, sin)?;
+    let (cos, sin) = (cos.clone(), sin.clone());
+    record("rope", &[x], out, move |g| {
+        let dx = candle_nn::rotary_emb::rope_thd(&g.contiguous()?, &cos, &sin.neg()?)?;
+        Ok([Some(dx), None, None])
+    })
+}
+
+/// The attention core for grouped queries:
+/// `softmax(softcap(q kᵀ · scale) + mask) v` with `q: [B, nkv, R·T, D]`
+/// (the `R` query heads of each kv head stacked along time), `k`, `v`:
+/// `[B, nkv, S, D]`, `mask: [B, 1, T, S]` broadcast over the heads, and
+/// `softcap(s) = cap · tanh(s / cap)` when a cap is given. Softmax in f32,
+/// products in the inputs' dtype.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: Option<f64>,
+    softcap: Option<f64>,
+) -> candle_core::Result<Tensor> {
+    let qs = q.detach().contiguous()?;
+    let (ks, vs) = (k.detach().contiguous()?, v.detach().contiguous()?);
+    let probs = Probs::new(&qs, &ks, mask, scale, softcap)?;
+    let out = probs.p.matmul(&vs)?;
+    record("attention", &[q, k, v], out, move |g| {
+        let g = g.contiguous()?;
+        let dv = probs.p.t()?.matmul(&g)?;
+        let dp = g.matmul(&vs.t()?)?.to_dtype(DType::F32)?;
+        // Softmax backward: p · (dp - Σ dp·p), row by row; the mask's
+        // columns get exact zeros (their p is 0).
+        let p32 = &probs.p32;
+        let dot = (&dp * p32)?.sum_keepdim(D::Minus1)?;
+        let ds = (dp.broadcast_sub(&dot)? * p32)?;
+        // Through the cap: d(cap·tanh(s/cap))/ds = 1 - tanh².
+        let ds = match &probs.tanh {
+            Some(th) => (ds * th.sqr()?.affine(-1.0, 1.0)?)?,
+            None => ds,
+        };
+        let ds = ds.to_dtype(qs.dtype())?;
+        let ds = match scale {
+            Some(s) => ds.affine(s, 0.0)?,
+            None => ds,
+        };
+        let dq = ds.matmul(&ks)?;
+        let dk = ds.t()?.matmul(&qs)?;
+        Ok([Some(dq), Some(dk), Some(dv)])
+    })
+}
+
+/// Attention probabilities, `[B, nkv, R·T, S]`, as [`attention`] computes
+/// them, in `q`'s dtype (what inference multiplies by the values).
+pub(crate) fn attention_probs(
+    q: &Tensor,
+    k: &Tensor,
+    mask: &Tensor,
+    scale: Option<f64>,
+    softcap: Option<f64>,
+) -> candle_core::Result<Tensor> {
+    Ok(Probs::new(q, k, mask, scale, softcap)?.p)
+}
+
+/// What the attention backward keeps of the forward.
+struct Probs {
+    /// In f32, as the softmax computed them.
+    p32: Tensor,
+    /// In the inputs' dtype.
+    p: Tensor,
+    /// `tanh(scores / cap)` in f32 when the scores were capped.
+    tanh: Option<Tensor>,
+}
+
+impl Probs {
+    fn new(
+        q: &Tensor,
+        k: &Tensor,
+        mask: &Tensor,
+        scale: Option<f64>,
+        softcap: Option<f64>,
+    ) -> candle_core::Result<Self> {
+        let (b, nkv, rt, _) = q.dims4()?;
+        let (_, _, t, s) = mask.dims4()?;
+        let scores = q.contiguous()?.matmul(&k.t()?)?;
+        let scores = match scale {
+            Some(sc) => scores.affine(sc, 0.0)?,
+            None => scores,
+        };
+        let (scores, tanh) = match softcap {
+            Some(cap) => {
+                let th = scores
+                    .to_dtype(DType::F32)?
+                    .affine(1.0 / cap, 0.0)?
+                    .tanh()?;
+                (th.affine(cap, 0.0)?.to_dtype(scores.dtype())?, Some(th))
+            }
+            None => (scores, None),
+        };
+        // The mask broadcasts over the kv heads and the stacked query heads
+        // (a view of the scores as `[B, nkv, R, T, S]`).
+        let scores = scores
+            .reshape((b, nkv, rt / t, t, s))?
+            .broadcast_add(&mask.unsqueeze(2)?)?
+            .reshape((b, nkv, rt, s))?
+            .to_dtype(DType::F32)?;
+        let p32 = candle_nn::ops::softmax_last_dim(&scores)?;
+        let p = p32.to_dtype(q.dtype())?;
+        Ok(Self { p32, p, tanh })
+    }
+}
+
+/// `x Wᵀ + scaling · (dropout(x) Aᵀ) Bᵀ`: a frozen projection `W: [out, in]`
+/// plus its LoRA pair `A: [r, in]`, `B: [out, r]` (f32 variables), for `x`
+/// of any leading shape. `keep` is the dropout mask already scaled by
+/// `1 / (1 - p)` (`[rows, in]`, f32), `None` without dropout. The adapter's
+/// term is computed in f32 and added in `x`'s dtype.
+pub(crate) fn lora_linear(
+    x: &Tensor,
+    w: &Tensor,
+    a: &Tensor,
+    b: &Tensor,
+    scaling: f64,
+    keep: Option<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&features, leading)) = dims.split_last() else {
+        candle_core::bail!("lora_linear needs an input of rank >= 1");
+    };
+    let rows = leading.iter().product::<usize>();
+    let (w, a_s, b_s) = (w.clone(), a.detach(), b.detach());
+    let x2 = x.detach().reshape((rows, features))?;
+    let base = x2.matmul(&w.t()?)?;
+    let xd = x2.to_dtype(DType::F32)?;
+    let xd = match &keep {
+        Some(k) => (xd * k)?,
+        None => xd,
+    };
+    let h = xd.matmul(&a_s.t()?)?;
+    let delta = h.matmul(&b_s.t()?)?.affine(scaling, 0.0)?;
+    let mut out_dims = leading.to_vec();
+    out_dims.push(w.dim(0)?);
+    let out = (base + delta.to_dtype(x.dtype())?)?.reshape(out_dims)?;
+    let x_needs_grad = x.track_op();
+    let dtype = x.dtype();
+    record("lora-linear", &[x, a, b], out, move |g| {
+        let g2 = g.reshape((rows, w.dim(0)?))?;
+        let g32 = g2.to_dtype(DType::F32)?;
+        // The gradient reaching h: scaling · g B.
+        let gh = g32.matmul(&b_s)?.affine(scaling, 0.0)?;
+        let db = g32.t()?.matmul(&h)?.affine(scaling, 0.0)?;
+        let da = gh.t()?.matmul(&xd)?;
+        let dx = if x_needs_grad {
+            let through_lora = gh.matmul(&a_s)?;
+            let through_lora = match &keep {
+                Some(k) => (through_lora * k)?,
+                None => through_lora,
+            };
+            let dx = (g2.matmul(&w)? + through_lora.to_dtype(dtype)?)?;
+            Some(dx.reshape(dims.as_slice())?)
+        } else {
+            None
+        };
+        Ok([dx, Some(da), Some(db)])
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(seed: u64, dims: &[usize]) -> Tensor {
+        let mut rng = crate::rng::SplitMix64(seed);
+        let n = dims.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect();
+        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
+    /// Runs `f` over fresh variables made of `inputs` and returns its output
+    /// and each input's gradient of `sum(out · probe)`.
+    fn value_and_grads(
+        inputs: &[Tensor],
+        probe: &Tensor,
+        f: impl Fn(&[Tensor]) -> Tensor,
+    ) -> (Tensor, Vec<Tensor>) {
+        let vars: Vec<Var> = inputs
+            .iter()
+            .map(|t| Var::from_tensor(t).unwrap())
+            .collect();
+        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+        let out = f(&ts);
+        let loss = (&out * probe).unwrap().sum_all().unwrap();
+        let grads = loss.backward().unwrap();
+        let g = vars
+            .iter()
+            .map(|v| grads.get(v).expect("a gradient for every input").clone())
+            .collect();
+        (out, g)
+    }
+
+    /// The fused node and the composed ops agree on the output and on every
+    /// input's gradient.
+    fn assert_same(
+        inputs: &[Tensor],
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composed: impl Fn(&[Tensor]) -> Tensor,
+    ) {
+        let shape = composed(inputs).dims().to_vec();
+        let probe = randn(99, &shape);
+        let (a, ga) = value_and_grads(inputs, &probe, fused);
+        let (b, gb) = value_and_grads(inputs, &probe, composed);
+        assert!(
+            max_diff(&a, &b) < 1e-5,
+            "outputs differ by {}",
+            max_diff(&a, &b)
+        );
+        for (i, (x, y)) in ga.iter().zip(&gb).enumerate() {
+            let d = max_diff(x, y);
+            assert!(d < 1e-4, "input {i}: gradients differ by {d}");
+        }
+    }
+
+    #[test]
+    fn rms_norm_matches_the_composed_norm() {
+        let alpha = randn(2, &[8]);
+        assert_same(
+            &[randn(1, &[2, 3, 8])],
+            |t| rms_norm(&t[0], &alpha, 1e-6).unwrap(),
+            |t| {
+                let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+                t[0].broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+                    .unwrap()
+                    .broadcast_mul(&alpha)
+                    .unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn rope_matches_the_composed_rotation() {
+        let angles = randn(3, &[2, 5, 4]);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        assert_same(
+            &[randn(4, &[2, 5, 3, 8])],
+            |t| rope(&t[0], &cos, &sin).unwrap(),
+            |t| {
+                let x = &t[0];
+                let c = Tensor::cat(&[&cos, &cos], D::Minus1)
+                    .unwrap()
+                    .unsqueeze(2)
+                    .unwrap();
+                let s = Tensor::cat(&[&sin, &sin], D::Minus1)
+                    .unwrap()
+                    .unsqueeze(2)
+                    .unwrap();
+                let x1 = x.narrow(D::Minus1, 0, 4).unwrap();
+                let x2 = x.narrow(D::Minus1, 4, 4).unwrap();
+                let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+                (x.broadcast_mul(&c).unwrap() + rotated.broadcast_mul(&s).unwrap()).unwrap()
+            },
+        );
+    }
+
+    #[test]
+    fn attention_matches_the_composed_attention() {
+        // Two kv heads with three query heads each, four query columns
+        // against six keys, a causal-looking mask with -inf entries.
+        let (b, nkv, rep, t, s, d) = (2, 2, 3, 4, 6, 8);
+        let mask: Vec<f32> = (0..b * t * s)
+            .map(|i| {
+                let (q, k) = ((i / s) % t, i % s);
+                if k > q + 2 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).unwrap();
+        for (scale, softcap) in [(None, None), (Some(0.3), None), (Some(0.3), Some(1.5))] {
+            assert_same(
+                &[
+                    randn(5, &[b, nkv, rep * t, d]),
+                    randn(6, &[b, nkv, s, d]),
+                    randn(7, &[b, nkv, s, d]),
+                ],
+                |x| attention(&x[0], &x[1], &x[2], &mask, scale, softcap).unwrap(),
+                |x| {
+                    let scores = x[0].matmul(&x[1].t().unwrap()).unwrap();
+                    let scores = match scale {
+                        Some(sc) => (scores * sc).unwrap(),
+                        None => scores,
+                    };
+                    let scores = match softcap {
+                        Some(cap) => ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap(),
+                        None => scores,
+                    };
+                    let scores = scores
+                        .reshape((b, nkv, rep, t, s))
+                        .unwrap()
+                        .broadcast_add(&mask.unsqueeze(2).unwrap())
+                        .unwrap()
+                        .reshape((b, nkv, rep * t, s))
+                        .unwrap();
+                    candle_nn::ops::softmax(&scores, D::Minus1)
+                        .unwrap()
+                        .matmul(&x[2])
+                        .unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn lora_linear_matches_the_composed_projection() {
+        let w = randn(8, &[5, 8]);
+        let keep = (randn(9, &[6, 8])
+            .ge(-0.6)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            / 0.8)
+            .unwrap();
+        for mask in [None, Some(keep)] {
+            assert_same(
+                &[
+                    randn(10, &[2, 3, 8]),
+                    randn(11, &[4, 8]),
+                    randn(12, &[5, 4]),
+                ],
+                |t| lora_linear(&t[0], &w, &t[1], &t[2], 0.7, mask.clone()).unwrap(),
+                |t| {
+                    let x2 = t[0].reshape((6, 8)).unwrap();
+                    let xd = match &mask {
+                        Some(k) => (&x2 * k).unwrap(),
+                        None => x2.clone(),
+                    };
+                    let base = x2.matmul(&w.t().unwrap()).unwrap();
+                    let lora = xd
+                        .matmul(&t[1].t().unwrap())
+                        .unwrap()
+                        .matmul(&t[2].t().unwrap())
+                        .unwrap();
+                    (base + (lora * 0.7).unwrap())
+                        .unwrap()
+                        .reshape((2, 3, 5))
+                        .unwrap()
+                },
+            );
+        }
+    }
+
+    #[test]
+    fn nothing_is_recorded_without_gradients() {
+        let x = randn(1, &[2, 8]);
+        let y = rms_norm(&x, &randn(2, &[8]), 1e-6).unwrap();
+        assert!(!y.track_op());
+    }
+}
