@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# On the GPU machine, after stage.sh (binaries in /tmp/bin): training checks.
+#   tiny   the tiny fixture, three steps without dropout on the host CPU
+#          (f32) and on CUDA (bf16): the losses must agree (bf16 tolerance);
+#   speed  the shipped recipe on the default model (after run.sh assembled
+#          it) for SPEED_STEPS steps with `train` and, when OLD names another
+#          binary, with that one too: median seconds per step and tokens/s
+#          over the steps after the first five.
+# STEPS (default "tiny speed") picks parts; results go to $OUT.
+set -uo pipefail
+OUT=${OUT:-/tmp/out/train-check}
+STEPS=${STEPS:-"tiny speed"}
+SPEED_STEPS=${SPEED_STEPS:-40}
+WORK=${WORK:-/tmp/train-check}
+mkdir -p "$OUT" "$WORK"
+export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
+ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+SHIPPED=(--lora-r 16 --lora-alpha 16 --targets "$ALL" --lr 5e-4 --epochs 3 --batch-size 8 --grad-accum 1)
+
+# A run of `steps` steps that stops right after the last one (no validation,
+# evaluation or adapter: its exit status is non-zero by design); the
+# training log lands in $OUT/train_NAME.jsonl.
+run() {
+  local bin=$1 name=$2 steps=$3
+  shift 3
+  rm -rf "$WORK/$name" "$WORK/$name.partial"
+  "$bin" --out-dir "$WORK" --name "$name" --current "$WORK/current-$name" --no-promote \
+    --save-every 0 --eval-every 0 --no-adapter "$@" --max-steps $((steps + 1)) --stop-after "$steps" \
+    > "$OUT/train_$name.txt" 2>&1
+  cp "$WORK/$name.partial/training_log.jsonl" "$OUT/train_$name.jsonl" 2>/dev/null \
+    || { echo "$name: no training log"; tail -n 5 "$OUT/train_$name.txt"; }
+}
+
+summary() {
+  python3 - "$@" <<'PY'
+import json, statistics, sys
+for path in sys.argv[1:]:
+    try:
+        rows = [json.loads(l) for l in open(path)]
+    except OSError:
+        print(f"{path}: missing"); continue
+    later = rows[5:] or rows
+    s = statistics.median(r["step_s"] for r in later)
+    t = statistics.median(r["step_tokens"] / r["step_s"] for r in later)
+    print(f"{path.rsplit('/', 1)[-1]}: {len(rows)} steps, median {s * 1000:.1f} ms/step, "
+          f"{t:,.0f} tokens/s; losses {[round(r['loss'], 4) for r in rows[:4]]}")
+PY
+}
+
+if [[ " $STEPS " == *" tiny "* ]]; then
+  for dev in cpu cuda; do
+    run train "tiny-$dev" 3 --base-model tests/fixtures/tiny_gemma3 --device "$dev" \
+      --lora-r 4 --lora-alpha 8 --targets "$ALL" --lora-dropout 0 --batch-size 4
+  done
+  python3 - "$OUT/train_tiny-cpu.jsonl" "$OUT/train_tiny-cuda.jsonl" <<'PY'
+import json, sys
+try:
+    a, b = ([json.loads(l)["loss"] for l in open(p)] for p in sys.argv[1:])
+except OSError as e:
+    sys.exit(f"tiny: MISSING {e.filename}")
+worst = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a, b))
+print(f"tiny: cpu losses {[round(x, 4) for x in a]}, cuda {[round(y, 4) for y in b]}, "
+      f"largest relative gap {worst:.4f} -> {'ok' if len(a) == len(b) == 3 and worst < 0.03 else 'MISMATCH'}")
+PY
+fi
+
+if [[ " $STEPS " == *" speed "* ]]; then
+  run train speed-new "$SPEED_STEPS" --device cuda "${SHIPPED[@]}"
+  logs=("$OUT/train_speed-new.jsonl")
+  if [[ -n ${OLD:-} && -x $OLD ]]; then
+    run "$OLD" speed-old "$SPEED_STEPS" --device cuda "${SHIPPED[@]}"
+    logs+=("$OUT/train_speed-old.jsonl")
+  fi
+  summary "${logs[@]}"
+fi
