@@ -384,26 +384,11 @@ pub(crate) fn lora_linear(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::{max_diff, uniform};
     use candle_core::{Device, Var};
 
     fn randn(seed: u64, dims: &[usize]) -> Tensor {
-        let mut rng = crate::rng::SplitMix64(seed);
-        let n = dims.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect();
-        Tensor::from_vec(v, dims, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
+        uniform(seed, dims, 1.0)
     }
 
     /// Runs `f` over fresh variables made of `inputs` and returns its output

@@ -18,6 +18,8 @@ mod graph;
 mod linear;
 mod llama;
 pub mod q8;
+#[cfg(test)]
+mod test_util;
 mod transformer;
 
 use std::path::{Path, PathBuf};

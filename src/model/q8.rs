@@ -321,29 +321,12 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rng::SplitMix64;
+    use crate::model::test_util::{max_diff, uniform};
     use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
     use candle_core::Module;
 
     fn random(rows: usize, cols: usize, seed: u64) -> Tensor {
-        let mut rng = SplitMix64(seed);
-        let v: Vec<f32> = (0..rows * cols)
-            .map(|_| rng.next_f64() as f32 - 0.5)
-            .collect();
-        Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap()
-    }
-
-    fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
+        uniform(seed, &[rows, cols], 0.5)
     }
 
     #[test]
@@ -353,13 +336,13 @@ mod tests {
         let q = QTensor::quantize(&w, GgmlDType::Q8_0).unwrap();
         // The same quantized values.
         let deq = q.dequantize(&Device::Cpu).unwrap();
-        assert_eq!(max_abs(&ours.dequantize().unwrap(), &deq), 0.0);
+        assert_eq!(max_diff(&ours.dequantize().unwrap(), &deq), 0.0);
         let theirs = QMatMul::from_qtensor(q).unwrap();
         for rows in [1, 3, 4, 7, 13] {
             let x = random(rows, 96, 10 + rows as u64);
             let (a, b) = (ours.matmul(&x).unwrap(), theirs.forward(&x).unwrap());
             assert_eq!(a.dims(), &[rows, 200]);
-            assert!(max_abs(&a, &b) < 1e-4, "rows {rows}: {}", max_abs(&a, &b));
+            assert!(max_diff(&a, &b) < 1e-4, "rows {rows}: {}", max_diff(&a, &b));
         }
     }
 
