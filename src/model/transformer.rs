@@ -444,10 +444,10 @@ impl Decoder {
         // reuse the kernels' uploaded dims/strides instead of copying them
         // from the host at every launch. Only small parameter vectors are
         // kept, one per shape; the step's data was uploaded above.
-        #[cfg(feature = "cuda")]
-        let _launch_params = match dev {
-            Device::Cuda(d) if t == 1 => Some(d.enable_cuda_graph_htod_cache()),
-            _ => None,
+        let _launch_params = if t == 1 {
+            crate::device::cached_launch_params(dev)
+        } else {
+            None
         };
         let h = match cache.as_deref_mut() {
             Some(c) => {
@@ -513,11 +513,7 @@ impl Decoder {
         if inputs.mask_local().is_some() != local_window(&self.cfg).is_some() {
             candle_core::bail!("the step inputs were built for a model with other sliding layers");
         }
-        #[cfg(feature = "cuda")]
-        let _launch_params = match &self.device {
-            Device::Cuda(d) => Some(d.enable_cuda_graph_htod_cache()),
-            _ => None,
-        };
+        let _launch_params = crate::device::cached_launch_params(&self.device);
         let (nkv, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
         // One index serves every layer: scatter wants it shaped like its
         // source and contiguous.
