@@ -4,9 +4,10 @@
 //!
 //! candle records every composed op as a node, and its backward pass costs
 //! several kernels per node (the gradient, a zeroed buffer, an add). A
-//! training step of Gemma-3-270M with LoRA on every projection had ~3,600
-//! nodes and well over 10,000 backward kernels, and on a GPU, where each
-//! kernel costs its launch, that overhead was the step's time. Each function
+//! training step of Gemma-3-270M's structure with LoRA on every projection
+//! had ~3,600 nodes and well over 10,000 backward kernels, and on a GPU,
+//! where each kernel costs its launch, that overhead was most of the step
+//! (190 ms, 85 ms as fused nodes on an H200). Each function
 //! here replaces a chain of composed ops by one node: a LoRA projection (12
 //! nodes before), an RMS norm (7), rotary embedding (10), the attention core
 //! (12). The forward kernels are the ones inference runs, so training and
