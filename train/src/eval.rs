@@ -12,7 +12,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use router::dataset::{Confusion, Example};
 use router::router::{Route, Router};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::progress_bar;
 
@@ -58,7 +58,7 @@ pub struct Report {
 }
 
 /// One point of the precision/recall curve over the call threshold.
-#[derive(Debug, Clone, Copy, Serialize)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 pub struct CurvePoint {
     pub threshold: f32,
     pub precision: f64,
@@ -962,17 +962,7 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(dir.join(name)).unwrap()).unwrap()
         };
         let recorded = read("threshold_curve.json");
-        let curve: Vec<CurvePoint> = recorded["curve"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|p| CurvePoint {
-                threshold: p["threshold"].as_f64().unwrap() as f32,
-                precision: p["precision"].as_f64().unwrap(),
-                recall: p["recall"].as_f64().unwrap(),
-                f1: p["f1"].as_f64().unwrap(),
-            })
-            .collect();
+        let curve: Vec<CurvePoint> = serde_json::from_value(recorded["curve"].clone()).unwrap();
         let rows = recorded["rows"].as_u64().unwrap() as usize;
         let min_precision = recorded["min_precision"].as_f64().unwrap();
         let chosen = choose_threshold(&curve, min_precision, rows).unwrap();
