@@ -120,6 +120,9 @@ impl GraphStep {
         let dev = self.scored.device().clone();
         self.scored
             .slice_set(&Tensor::from_vec(padded, room, &dev)?, 0, 0)?;
+        // Kernel dims/strides come from candle's parameter cache, which the
+        // eager warm-up fills and a capture requires.
+        let _params = crate::device::cached_launch_params(&dev);
         match &dev {
             #[cfg(feature = "cuda")]
             candle_core::Device::Cuda(cuda) => self.run_cuda(dec, cache, cuda)?,
@@ -146,9 +149,6 @@ impl GraphStep {
         cache: &StaticCache,
         cuda: &candle_core::CudaDevice,
     ) -> candle_core::Result<()> {
-        // Kernel dims/strides come from candle's parameter cache, which the
-        // eager warm-up fills and the capture requires.
-        let _params = cuda.enable_cuda_graph_htod_cache();
         if let Graph::Pending = self.graph {
             // The eager run is this step (its outputs stand) and the warm-up
             // the capture needs; the capture only records.
