@@ -99,6 +99,19 @@ pub struct ModelArgs {
         default_value_t
     )]
     pub cuda_graphs: Toggle,
+
+    /// auto/on: inference steps on CUDA take the project's fused kernels
+    /// (norms with the residual add, q/k norm with rotary embedding and the
+    /// cache writes, attention, the gated activation); off: candle's
+    /// composed kernels (for comparisons). No effect on the CPU.
+    #[arg(
+        long,
+        env = "ROUTER_FUSED_KERNELS",
+        global = true,
+        value_enum,
+        default_value_t
+    )]
+    pub fused_kernels: Toggle,
 }
 
 /// `auto`, `on` or `off` (`--cuda-graphs`, `train --shared-prefix`);
@@ -179,7 +192,7 @@ impl ModelArgs {
     /// `--cpu-weights` says (the bot, `train eval`).
     pub fn load_base(&self) -> Result<BaseModel> {
         let mut base = self.load_base_for_training()?;
-        self.apply_cpu_weights(&mut base.decoder)?;
+        self.apply_inference_kernels(&mut base.decoder)?;
         Ok(base)
     }
 
@@ -187,7 +200,7 @@ impl ModelArgs {
     /// copies whatever `--cpu-weights` says: training computes from those
     /// weights (the copies have no backward pass), so copies would only
     /// cost the memory and the time to make them. A run that goes on to
-    /// route calls [`ModelArgs::apply_cpu_weights`] first, to route as the
+    /// route calls [`ModelArgs::apply_inference_kernels`] first, to route as the
     /// bot does.
     pub fn load_base_for_training(&self) -> Result<BaseModel> {
         let device = crate::device::select(self.device.as_deref())?;
@@ -196,10 +209,18 @@ impl ModelArgs {
         model::load(&spec, &device)
     }
 
-    /// Makes (or drops) the decoder's CPU Q8_0 copies as `--cpu-weights`
-    /// says; a no-op on other devices.
-    pub fn apply_cpu_weights(&self, decoder: &mut Decoder) -> Result<()> {
+    /// Sets up the decoder's inference as the options say: the CPU's Q8_0
+    /// copies (`--cpu-weights`; a no-op on other devices) and CUDA's fused
+    /// kernels (`--fused-kernels`; a no-op on the CPU, with a warning when
+    /// asked for there).
+    pub fn apply_inference_kernels(&self, decoder: &mut Decoder) -> Result<()> {
         decoder.set_cpu_quantized(self.cpu_weights == CpuWeights::Q8)?;
+        let fused = decoder.set_fused_kernels(self.fused_kernels.is_on(true));
+        if self.fused_kernels == Toggle::On && !fused {
+            tracing::warn!(
+                "--fused-kernels on: the fused kernels run on CUDA only; using candle's"
+            );
+        }
         Ok(())
     }
 

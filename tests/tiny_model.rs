@@ -538,3 +538,16 @@ fn cpu_q8_copies_stay_close_to_f32_and_follow_the_adapter() {
         assert!(rel_diff(&dec, &tiny(arch)) < 1e-5, "{arch:?}");
     }
 }
+
+#[test]
+fn fused_kernels_stay_off_on_the_cpu() {
+    // The fused kernels are CUDA code (tests/fused_cuda.rs checks them on a
+    // GPU); asking for them on the CPU leaves candle's kernels in place.
+    let mut dec = tiny(Architecture::Gemma3);
+    assert!(!dec.set_fused_kernels(true));
+    assert!(!dec.fused_kernels());
+    let seq = ids(6, 1);
+    let a = full_logits(&dec, &seq, Mode::Infer);
+    let b = full_logits(&tiny(Architecture::Gemma3), &seq, Mode::Infer);
+    assert_eq!(common::max_diff(&a, &b), 0.0);
+}

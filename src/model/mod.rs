@@ -11,6 +11,7 @@
 mod cache;
 pub mod config;
 mod family;
+mod fused;
 mod gemma3;
 pub mod gguf;
 mod grad;

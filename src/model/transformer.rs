@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::cache::{build_mask, local_window, Batch, Cache, StaticCache, StepInputs};
 use super::config::{ModelConfig, RopeScaling};
 use super::family::{Activation, Family};
+use super::fused::{self, KvTarget, QkRope};
 use super::grad;
 use super::linear::{
     frozen_matmul_t, linear, q8_forward, q8_head_copy, Linear, Lora, Mode, Q8Copy, Q8_HEAD_MAX_ROWS,
@@ -159,12 +160,14 @@ enum Kv<'a> {
     /// both.
     Growing(&'a mut Option<(Tensor, Tensor)>),
     /// A static cache's keys and values `[B, kv_heads, C, D]`, written in
-    /// place at `index` (the step's cache columns broadcast to the step's
-    /// key shape `[B, kv_heads, T, D]`, contiguous, u32); attention covers
-    /// all `C` columns and the mask hides the unwritten ones.
+    /// place at the step's cache `columns` (`[T]` u32; `index` is the same
+    /// broadcast to the step's key shape `[B, kv_heads, T, D]`, contiguous,
+    /// for `scatter_set`); attention covers all `C` columns and the mask
+    /// hides the unwritten ones.
     Static {
         k: &'a Tensor,
         v: &'a Tensor,
+        columns: &'a Tensor,
         index: &'a Tensor,
     },
 }
@@ -229,13 +232,18 @@ pub struct Decoder {
     activation: Activation,
     rotary_global: Rotary,
     rotary_local: Rotary,
+    /// Inference steps take the kernels of `fused.rs` (CUDA only; see
+    /// [`Decoder::set_fused_kernels`]).
+    fused: bool,
     pub dtype: DType,
     pub device: Device,
 }
 
 impl Attention {
     /// `mask` is `[B, 1, T, S]`, one row per query column, broadcast over
-    /// the heads.
+    /// the heads. `fused` (inference on CUDA only) takes the kernels of
+    /// `fused.rs` from the projections to the output projection.
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
         x: &Tensor,
@@ -244,6 +252,7 @@ impl Attention {
         mask: &Tensor,
         kv: Kv,
         mode: Mode,
+        fused: bool,
     ) -> candle_core::Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (nh, nkv, hd) = (
@@ -256,6 +265,10 @@ impl Attention {
         let q = self.q_proj.forward(x, mode)?.reshape((b, t, nh, hd))?;
         let k = self.k_proj.forward(x, mode)?.reshape((b, t, nkv, hd))?;
         let v = self.v_proj.forward(x, mode)?.reshape((b, t, nkv, hd))?;
+        if fused {
+            let out = self.attend_fused(&q, &k, &v, cfg, cos_sin, mask, kv)?;
+            return self.o_proj.forward(&out, mode);
+        }
         let q = match &self.q_norm {
             Some(n) => n.forward(&q, mode)?,
             None => q,
@@ -269,18 +282,12 @@ impl Attention {
         let v = v.transpose(1, 2)?;
         let (k, v) = match kv {
             Kv::None => (k, v),
-            Kv::Growing(slot) => {
-                let (k, v) = match slot.take() {
-                    Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-                    None => (k.contiguous()?, v.contiguous()?),
-                };
-                *slot = Some((k.clone(), v.clone()));
-                (k, v)
-            }
+            Kv::Growing(slot) => grow(slot, k, v)?,
             Kv::Static {
                 k: ck,
                 v: cv,
                 index,
+                ..
             } => {
                 // The columns come from a device buffer, not from an offset
                 // baked into the launch, so a replayed graph writes each
@@ -291,6 +298,23 @@ impl Attention {
                 (ck.clone(), cv.clone())
             }
         };
+        let out = self.attend(&q, &k, &v, cfg, mask, mode)?;
+        self.o_proj.forward(&out, mode)
+    }
+
+    /// The attention core with candle's kernels: `q: [B, nh, T, D]` (heads
+    /// first), `k`, `v`: `[B, nkv, S, D]`; returns `[B, T, nh·D]`.
+    fn attend(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cfg: &ModelConfig,
+        mask: &Tensor,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let (b, nh, t, hd) = q.dims4()?;
+        let nkv = k.dim(1)?;
         // Grouped-query attention without copying keys/values: the query
         // heads that share a kv head are stacked along the time axis,
         // `[B, nkv, rep*T, D]` (head h = j*rep + r uses kv head j, as in
@@ -298,12 +322,7 @@ impl Attention {
         let rep = nh / nkv;
         let q = q.contiguous()?.reshape((b, nkv, rep * t, hd))?;
         let (k, v) = (k.contiguous()?, v.contiguous()?);
-        // The query norm carries the attention scale when there is one.
-        let scale = match &self.q_norm {
-            Some(_) => None,
-            None => Some(1.0 / cfg.query_pre_attn_scalar.sqrt()),
-        };
-        let softcap = cfg.attn_logit_softcapping;
+        let (scale, softcap) = self.score_scaling(cfg);
         let out = match mode {
             Mode::Infer => {
                 let probs = grad::attention_probs(&q, &k, mask, scale, softcap)?;
@@ -311,17 +330,115 @@ impl Attention {
             }
             Mode::Train(_) => grad::attention(&q, &k, &v, mask, scale, softcap)?,
         };
-        let out = out
-            .reshape((b, nh, t, hd))?
+        out.reshape((b, nh, t, hd))?
             .transpose(1, 2)?
-            .reshape((b, t, nh * hd))?;
-        self.o_proj.forward(&out, mode)
+            .reshape((b, t, nh * hd))
+    }
+
+    /// The scores' scale (`None` when the query norm carries it) and soft
+    /// cap.
+    fn score_scaling(&self, cfg: &ModelConfig) -> (Option<f64>, Option<f64>) {
+        let scale = match &self.q_norm {
+            Some(_) => None,
+            None => Some(1.0 / cfg.query_pre_attn_scalar.sqrt()),
+        };
+        (scale, cfg.attn_logit_softcapping)
+    }
+
+    /// From the projections (`[B, T, heads, D]`) to the attention output
+    /// `[B, T, nh·D]` with the fused kernels: one for the norms, rotary
+    /// embedding and the key/value writes, one for the attention itself
+    /// (candle's kernels when a shape is beyond it).
+    #[allow(clippy::too_many_arguments)]
+    fn attend_fused(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cfg: &ModelConfig,
+        cos_sin: &(Tensor, Tensor),
+        mask: &Tensor,
+        kv: Kv,
+    ) -> candle_core::Result<Tensor> {
+        let params = QkRope {
+            q_alpha: self.q_norm.as_ref().map(|n| &n.alpha),
+            k_alpha: self.k_norm.as_ref().map(|n| &n.alpha),
+            eps: self
+                .q_norm
+                .as_ref()
+                .or(self.k_norm.as_ref())
+                .map_or(0.0, |n| n.eps),
+            cos: &cos_sin.0,
+            sin: &cos_sin.1,
+        };
+        let new_kv = |q_out: Tensor, kv: Option<(Tensor, Tensor)>| match kv {
+            Some((k, v)) => Ok((q_out, k, v)),
+            None => candle_core::bail!("the fused rotary kernel returned no keys"),
+        };
+        let (q, k, v) = match kv {
+            Kv::Static {
+                k: ck,
+                v: cv,
+                columns,
+                ..
+            } => {
+                let target = KvTarget::Cache {
+                    k: ck,
+                    v: cv,
+                    columns,
+                };
+                let (q, _) = fused::qk_rope(q, k, v, &params, target)?;
+                (q, ck.clone(), cv.clone())
+            }
+            Kv::None => {
+                let (q, kv) = fused::qk_rope(q, k, v, &params, KvTarget::New)?;
+                new_kv(q, kv)?
+            }
+            Kv::Growing(slot) => {
+                let (q, kv) = fused::qk_rope(q, k, v, &params, KvTarget::New)?;
+                let (q, k, v) = new_kv(q, kv)?;
+                let (k, v) = grow(slot, k, v)?;
+                (q, k, v)
+            }
+        };
+        let (scale, softcap) = self.score_scaling(cfg);
+        match fused::attention(&q, &k, &v, mask, scale, softcap)? {
+            Some(out) => Ok(out),
+            None => self.attend(&q.transpose(1, 2)?, &k, &v, cfg, mask, Mode::Infer),
+        }
     }
 }
 
+/// Appends a step's keys and values (`[B, nkv, T, D]`) to a growing cache
+/// slot and returns the whole of it.
+fn grow(
+    slot: &mut Option<(Tensor, Tensor)>,
+    k: Tensor,
+    v: Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let (k, v) = match slot.take() {
+        Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+        None => (k.contiguous()?, v.contiguous()?),
+    };
+    *slot = Some((k.clone(), v.clone()));
+    Ok((k, v))
+}
+
 impl Mlp {
-    fn forward(&self, x: &Tensor, act: Activation, mode: Mode) -> candle_core::Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        act: Activation,
+        mode: Mode,
+        fused: bool,
+    ) -> candle_core::Result<Tensor> {
         let gate = self.gate_proj.forward(x, mode)?;
+        if fused {
+            let up = self.up_proj.forward(x, mode)?;
+            return self
+                .down_proj
+                .forward(&fused::gated(&gate, &up, act)?, mode);
+        }
         let gate = match act {
             Activation::GeluTanh => gate.gelu()?,
             Activation::Silu => candle_nn::Activation::Silu.forward(&gate)?,
@@ -405,6 +522,7 @@ impl Decoder {
             activation: family.activation,
             rotary_global,
             rotary_local,
+            fused: false,
             dtype,
             device: dev,
         })
@@ -529,6 +647,7 @@ impl Decoder {
         let kv = cache.kv().iter().map(|(k, v)| Kv::Static {
             k,
             v,
+            columns: inputs.columns(),
             index: &index,
         });
         self.stack(inputs.tokens(), inputs.positions(), &masks, kv, Mode::Infer)
@@ -583,7 +702,14 @@ impl Decoder {
             // In the compute dtype, as transformers rounds it.
             h = h.affine(scale, 0.0)?;
         }
+        let fused = self.fused && matches!(mode, Mode::Infer);
         let mut kv = kv.into_iter();
+        let Some(first) = self.layers.first() else {
+            return self.norm.forward(&h, mode);
+        };
+        // `x` is each block's normed input; the fused kernels compute a
+        // residual add together with the norm that follows it.
+        let mut x = first.attn_norm.forward(&h, mode)?;
         for (i, layer) in self.layers.iter().enumerate() {
             let (cs, mask) = match (layer.sliding, &local, masks.local) {
                 (true, Some(cs), Some(m)) => (cs, m),
@@ -593,23 +719,22 @@ impl Decoder {
             let Some(slot) = kv.next() else {
                 candle_core::bail!("no key/value slot for layer {i}");
             };
-            let residual = &h;
-            let x = layer.attn_norm.forward(&h, mode)?;
-            let x = layer.attn.forward(&x, &self.cfg, cs, mask, slot, mode)?;
-            let x = match &layer.attn_out_norm {
-                Some(n) => n.forward(&x, mode)?,
-                None => x,
-            };
-            let h_mid = (residual + x)?;
-            let x = layer.mlp_norm.forward(&h_mid, mode)?;
-            let x = layer.mlp.forward(&x, self.activation, mode)?;
-            let x = match &layer.mlp_out_norm {
-                Some(n) => n.forward(&x, mode)?,
-                None => x,
-            };
-            h = (h_mid + x)?;
+            let a = layer
+                .attn
+                .forward(&x, &self.cfg, cs, mask, slot, mode, fused)?;
+            let (h_mid, xm) = residual_norm(
+                &a,
+                &h,
+                layer.attn_out_norm.as_ref(),
+                &layer.mlp_norm,
+                mode,
+                fused,
+            )?;
+            let m = layer.mlp.forward(&xm, self.activation, mode, fused)?;
+            let next = self.layers.get(i + 1).map_or(&self.norm, |l| &l.attn_norm);
+            (h, x) = residual_norm(&m, &h_mid, layer.mlp_out_norm.as_ref(), next, mode, fused)?;
         }
-        self.norm.forward(&h, mode)
+        Ok(x)
     }
 
     /// Output logits (f32) for hidden states `[N, hidden]`. Hidden states
@@ -716,6 +841,22 @@ impl Decoder {
         self.head_q8.is_some() || self.linears().any(Linear::is_quantized)
     }
 
+    /// Inference steps on CUDA take the fused kernels of `fused.rs` (norms
+    /// with the residual add, q/k norm with rotary embedding and the cache
+    /// writes, attention, the gated activation) instead of candle's
+    /// composed ones when `on`; returns whether they now do (never on other
+    /// devices or dtypes: there the request is ignored). Training steps
+    /// never take them (they record no gradients). Off when built.
+    pub fn set_fused_kernels(&mut self, on: bool) -> bool {
+        self.fused = on && fused::available(&self.device, self.dtype);
+        self.fused
+    }
+
+    /// Whether inference steps take the fused kernels.
+    pub fn fused_kernels(&self) -> bool {
+        self.fused
+    }
+
     /// Sets the dropout of every attached LoRA pair (training only uses it).
     pub fn set_lora_dropout(&mut self, p: f64) {
         for l in self.linears_mut() {
@@ -736,6 +877,31 @@ impl Decoder {
         self.linears()
             .filter_map(|l| l.lora().map(|lora| (l.name(), lora)))
     }
+}
+
+/// A block's output `x` added to the `residual` stream, after the block's
+/// output norm when it has one (`post`, Gemma), and the `next` norm of the
+/// sum; returns `(sum, next(sum))`: the new residual stream and the next
+/// block's input. One kernel when `fused`.
+fn residual_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    post: Option<&RmsNorm>,
+    next: &RmsNorm,
+    mode: Mode,
+    fused: bool,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    if fused {
+        let post = post.map(|n| (&n.alpha, n.eps));
+        return fused::add_rms_norm(x, residual, post, (&next.alpha, next.eps));
+    }
+    let x = match post {
+        Some(n) => n.forward(x, mode)?,
+        None => x.clone(),
+    };
+    let h = (residual + x)?;
+    let y = next.forward(&h, mode)?;
+    Ok((h, y))
 }
 
 /// `hidden · headᵀ` in the weights' dtype. On the CPU a single row is a

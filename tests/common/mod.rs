@@ -156,12 +156,17 @@ impl SimpleBackend for RandomWeights {
     }
 }
 
-/// A random-weight decoder for `cfg`.
+/// A random-weight decoder for `cfg` in the device's compute dtype.
 pub fn random_decoder(cfg: &ModelConfig, seed: u64, device: &Device) -> Decoder {
+    random_decoder_in(cfg, seed, device, compute_dtype(device))
+}
+
+/// A random-weight decoder for `cfg` in `dtype`.
+pub fn random_decoder_in(cfg: &ModelConfig, seed: u64, device: &Device, dtype: DType) -> Decoder {
     let backend: Box<dyn SimpleBackend> = Box::new(RandomWeights { seed });
     build_decoder(
         cfg,
-        VarBuilder::from_backend(backend, compute_dtype(device), device.clone()),
+        VarBuilder::from_backend(backend, dtype, device.clone()),
     )
     .unwrap()
 }

@@ -525,8 +525,8 @@ pub fn run(model: &router::cli::ModelArgs, args: FitArgs) -> Result<PathBuf> {
     train_loop(&ctx, &mut router, &mut opt, &mut run, first_step)?;
     let run_dir = finish_run(&router, &lora_cfg, run, started)?;
     // Trained on the weights alone; the evaluations below route as the bot
-    // does, so they take its CPU weights (`--cpu-weights`) from here.
-    model.apply_cpu_weights(&mut router.base_mut().decoder)?;
+    // does, so they take its CPU weights and CUDA kernels from here.
+    model.apply_inference_kernels(&mut router.base_mut().decoder)?;
     record_threshold(&mut router, &args, &data.val, &run_dir)?;
     evaluate_and_promote(&mut router, &args, &data.test, &run_dir, started)?;
     Ok(run_dir)

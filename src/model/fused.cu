@@ -1,0 +1,351 @@
+// Fused kernels for inference steps on CUDA (see fused.rs).
+//
+// Each kernel replaces a run of candle's kernels in a decoder step and
+// rounds where they round (every intermediate that candle writes to memory
+// in the compute dtype is rounded to it here too), so that a fused step
+// computes what an eager step computes up to the order of f32 sums.
+//
+// Every kernel exists for bf16, f16 and f32 (`<name>_bf16` ...).
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+#define WARP 32
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// The tanh candle's unary kernels use, in the element type.
+__device__ __forceinline__ float tanh_t(float a) { return tanhf(a); }
+__device__ __forceinline__ __nv_bfloat16 tanh_t(__nv_bfloat16 a) { return __float2bfloat16(tanhf(__bfloat162float(a))); }
+__device__ __forceinline__ __half tanh_t(__half a) { return __float2half(tanhf(__half2float(a))); }
+
+// Eight consecutive elements as floats (16-byte aligned for 16-bit types,
+// 32-byte for f32).
+__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *out) {
+    uint4 raw = *reinterpret_cast<const uint4 *>(p);
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 f = __bfloat1622float2(h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void load8(const __half *p, float *out) {
+    uint4 raw = *reinterpret_cast<const uint4 *>(p);
+    const __half2 *h = reinterpret_cast<const __half2 *>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float2 f = __half22float2(h[i]);
+        out[2 * i] = f.x;
+        out[2 * i + 1] = f.y;
+    }
+}
+__device__ __forceinline__ void load8(const float *p, float *out) {
+    float4 a = *reinterpret_cast<const float4 *>(p);
+    float4 b = *reinterpret_cast<const float4 *>(p + 4);
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
+    return v;
+}
+
+// Sum over the block (blockDim.x a multiple of 32), returned to every
+// thread. `scratch` holds 32 floats; every thread must call it.
+__device__ float block_sum(float v, float *scratch) {
+    v = warp_sum(v);
+    if (blockDim.x <= WARP) return v;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < blockDim.x / WARP ? scratch[lane] : 0.0f;
+    return warp_sum(v);
+}
+
+__device__ float block_max(float v, float *scratch) {
+    v = warp_max(v);
+    if (blockDim.x <= WARP) return v;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < blockDim.x / WARP ? scratch[lane] : -INFINITY;
+    return warp_max(v);
+}
+
+// h = residual + norm_post(x) (or residual + x without `a_post`), then
+// y = norm_next(h); one block per row of `n` features. Both outputs are
+// written: h is the next residual, y the next block's input.
+template <typename T>
+__device__ void add_rms_norm(const T *x, const T *residual, const T *a_post, const T *a_next,
+                             T *h_out, T *y_out, const int n, const float eps_post,
+                             const float eps_next) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    x += row * n;
+    residual += row * n;
+    h_out += row * n;
+    y_out += row * n;
+    float scale = 1.0f;
+    if (a_post != nullptr) {
+        float acc = 0.0f;
+        for (int i = threadIdx.x; i < n; i += blockDim.x) {
+            const float v = to_f(x[i]);
+            acc += v * v;
+        }
+        acc = block_sum(acc, scratch);
+        scale = rsqrtf(acc / n + eps_post);
+    }
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const T xn = a_post != nullptr ? from_f<T>(scale * to_f(x[i]) * to_f(a_post[i])) : x[i];
+        const T h = from_f<T>(to_f(residual[i]) + to_f(xn));
+        h_out[i] = h;
+        const float hv = to_f(h);
+        acc += hv * hv;
+    }
+    acc = block_sum(acc, scratch);
+    const float scale_next = rsqrtf(acc / n + eps_next);
+    // Each thread reads back only the elements it wrote.
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        y_out[i] = from_f<T>(scale_next * to_f(h_out[i]) * to_f(a_next[i]));
+    }
+}
+
+// Queries, keys and values of one step after their projections: the query
+// and key norms (when given), rotary embedding of queries and keys, the
+// queries written to `q_out` in the projection's layout `[B*T, nh, D]`, the
+// keys and values written into the cache `[B, nkv, C, D]` at the columns
+// `cols[t]` (at column t when `cols` is null). Grid (B*T, nh + 2*nkv);
+// each block holds one head's vector, thread i its elements i and i + D/2.
+template <typename T>
+__device__ void qk_rope_store(const T *q, const T *k, const T *v, const T *q_alpha,
+                              const T *k_alpha, const float eps, const T *cos, const T *sin,
+                              const uint32_t *cols, T *k_cache, T *v_cache, T *q_out,
+                              const int t_len, const int nh, const int nkv, const int d,
+                              const int cap) {
+    __shared__ float scratch[32];
+    const int bt = blockIdx.x, slot = blockIdx.y;
+    const int b = bt / t_len, t = bt % t_len;
+    const int half = d / 2, i = threadIdx.x;
+    const bool active = i < half;
+    const size_t col = cols != nullptr ? cols[t] : t;
+    const T *src;
+    const T *alpha;
+    T *dst;
+    bool rotate = true;
+    if (slot < nh) {
+        src = q + ((size_t)bt * nh + slot) * d;
+        alpha = q_alpha;
+        dst = q_out + ((size_t)bt * nh + slot) * d;
+    } else if (slot < nh + nkv) {
+        const int j = slot - nh;
+        src = k + ((size_t)bt * nkv + j) * d;
+        alpha = k_alpha;
+        dst = k_cache + (((size_t)b * nkv + j) * cap + col) * d;
+    } else {
+        const int j = slot - nh - nkv;
+        src = v + ((size_t)bt * nkv + j) * d;
+        alpha = nullptr;
+        dst = v_cache + (((size_t)b * nkv + j) * cap + col) * d;
+        rotate = false;
+    }
+    T x1 = active ? src[i] : from_f<T>(0.0f);
+    T x2 = active ? src[i + half] : from_f<T>(0.0f);
+    if (alpha != nullptr) {
+        const float f1 = to_f(x1), f2 = to_f(x2);
+        const float acc = block_sum(f1 * f1 + f2 * f2, scratch);
+        const float scale = rsqrtf(acc / d + eps);
+        if (active) {
+            x1 = from_f<T>(scale * f1 * to_f(alpha[i]));
+            x2 = from_f<T>(scale * f2 * to_f(alpha[i + half]));
+        }
+    }
+    if (!active) return;
+    if (rotate) {
+        const T c = cos[(size_t)bt * half + i];
+        const T s = sin[(size_t)bt * half + i];
+        const T y1 = x1 * c - x2 * s;
+        const T y2 = x1 * s + x2 * c;
+        x1 = y1;
+        x2 = y2;
+    }
+    dst[i] = x1;
+    dst[i + half] = x2;
+}
+
+// Attention of one query row over the keys of its kv head:
+// softmax(softcap(q·kᵀ · scale) + mask) · v, rounded where candle's eager
+// path rounds (scores in the compute dtype, softmax in f32, probabilities
+// in the compute dtype, f32 sums of the products). `q` and `out` are
+// `[B*T, nh, D]`, keys and values `[B, nkv, S, D]`, the mask `[B, 1, T, S]`
+// additive (-inf hides a column). One block per (b, t, head), 8 warps:
+// each warp scores its share of the keys (a lane reads 8 features of a key
+// at a time) and sums its share of the values; the block adds the warps'
+// partial outputs. Needs D % 8 == 0; shared memory (D + S + 8 * D) floats.
+template <typename T>
+__device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *out,
+                          const int t_len, const int nh, const int nkv, const int s_len,
+                          const int d, const float scale, const float softcap) {
+    extern __shared__ float smem[];
+    __shared__ float scratch[32];
+    __shared__ int range[2];
+    float *qs = smem;
+    float *p = qs + d;
+    float *partial = p + s_len;
+    const int row = blockIdx.x;  // (b * T + t) * nh + h
+    const int h = row % nh, bt = row / nh;
+    const int b = bt / t_len, t = bt % t_len;
+    const int j = h / (nh / nkv);
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    const T *qrow = q + (size_t)row * d;
+    const T *keys = k + ((size_t)b * nkv + j) * s_len * d;
+    const T *values = v + ((size_t)b * nkv + j) * s_len * d;
+    const T *m = mask + ((size_t)b * t_len + t) * s_len;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) qs[i] = to_f(qrow[i]);
+    if (threadIdx.x == 0) {
+        range[0] = s_len;
+        range[1] = -1;
+    }
+    __syncthreads();
+
+    // Scores, one key per warp at a time.
+    int lo = s_len, hi = -1;
+    for (int c = warp; c < s_len; c += warps) {
+        const float mv = to_f(m[c]);
+        float score = -INFINITY;
+        if (mv != -INFINITY) {
+            float acc = 0.0f;
+            for (int f = lane * 8; f < d; f += WARP * 8) {
+                float kv8[8];
+                load8(keys + (size_t)c * d + f, kv8);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc += qs[f + e] * kv8[e];
+            }
+            acc = warp_sum(acc);
+            T s = from_f<T>(acc);
+            // candle's affine multiplies by the scale in the element type.
+            if (scale > 0.0f) s = from_f<T>(to_f(s) * to_f(from_f<T>(scale)));
+            if (softcap > 0.0f) s = from_f<T>(softcap * tanhf(to_f(s) * (1.0f / softcap)));
+            score = to_f(from_f<T>(to_f(s) + mv));
+            lo = min(lo, c);
+            hi = max(hi, c);
+        }
+        if (lane == 0) p[c] = score;
+    }
+    if (lane == 0) {
+        atomicMin(&range[0], lo);
+        atomicMax(&range[1], hi);
+    }
+    __syncthreads();
+    const int first = range[0], last = range[1];
+
+    // Softmax in f32 over the unmasked range.
+    float mx = -INFINITY;
+    for (int c = first + threadIdx.x; c <= last; c += blockDim.x) mx = fmaxf(mx, p[c]);
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int c = first + threadIdx.x; c <= last; c += blockDim.x) {
+        const float e = p[c] == -INFINITY ? 0.0f : expf(p[c] - mx);
+        p[c] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);
+    for (int c = first + threadIdx.x; c <= last; c += blockDim.x) {
+        p[c] = sum > 0.0f ? to_f(from_f<T>(p[c] / sum)) : 0.0f;
+    }
+    __syncthreads();
+
+    // Weighted values: each warp its keys, a lane 8 features at a time.
+    for (int f0 = 0; f0 < d; f0 += WARP * 8) {
+        const int f = f0 + lane * 8;
+        float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
+        if (f < d) {
+            for (int c = first + warp; c <= last; c += warps) {
+                const float pc = p[c];
+                if (pc == 0.0f) continue;
+                float v8[8];
+                load8(values + (size_t)c * d + f, v8);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[e] += pc * v8[e];
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) partial[warp * d + f + e] = acc[e];
+        }
+    }
+    __syncthreads();
+    T *o = out + (size_t)row * d;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        float acc = 0.0f;
+        for (int w = 0; w < warps; ++w) acc += partial[w * d + i];
+        o[i] = from_f<T>(acc);
+    }
+}
+
+// act(gate) * up elementwise, in the element type as candle's unary and
+// binary kernels compute it: act 0 is tanh-approximated GELU, 1 is SiLU.
+template <typename T>
+__device__ void gated(const T *gate, const T *up, T *out, const size_t n, const int act) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        const T x = gate[i];
+        T a;
+        if (act == 0) {
+            const T x_sq = x * x;
+            const T x_cube = x_sq * x;
+            const T alpha = x + from_f<T>(0.044715f) * x_cube;
+            a = from_f<T>(0.5f) * x *
+                (from_f<T>(1.0f) + tanh_t(from_f<T>((float)(M_2_SQRTPI * M_SQRT1_2)) * alpha));
+        } else {
+            const float xf = to_f(x);
+            a = from_f<T>(xf / (1.0f + expf(-xf)));
+        }
+        out[i] = a * up[i];
+    }
+}
+
+#define INSTANTIATE(T, SUFFIX)                                                                   \
+    extern "C" __global__ void add_rms_norm_##SUFFIX(                                            \
+        const T *x, const T *residual, const T *a_post, const T *a_next, T *h_out, T *y_out,     \
+        const int n, const float eps_post, const float eps_next) {                               \
+        add_rms_norm<T>(x, residual, a_post, a_next, h_out, y_out, n, eps_post, eps_next);       \
+    }                                                                                            \
+    extern "C" __global__ void qk_rope_store_##SUFFIX(                                           \
+        const T *q, const T *k, const T *v, const T *q_alpha, const T *k_alpha, const float eps, \
+        const T *cos, const T *sin, const uint32_t *cols, T *k_cache, T *v_cache, T *q_out,      \
+        const int t_len, const int nh, const int nkv, const int d, const int cap) {              \
+        qk_rope_store<T>(q, k, v, q_alpha, k_alpha, eps, cos, sin, cols, k_cache, v_cache,       \
+                         q_out, t_len, nh, nkv, d, cap);                                         \
+    }                                                                                            \
+    extern "C" __global__ void attention_##SUFFIX(                                               \
+        const T *q, const T *k, const T *v, const T *mask, T *out, const int t_len, const int nh, \
+        const int nkv, const int s_len, const int d, const float scale, const float softcap) {   \
+        attention<T>(q, k, v, mask, out, t_len, nh, nkv, s_len, d, scale, softcap);              \
+    }                                                                                            \
+    extern "C" __global__ void gated_##SUFFIX(const T *gate, const T *up, T *out,               \
+                                              const size_t n, const int act) {                   \
+        gated<T>(gate, up, out, n, act);                                                         \
+    }
+
+INSTANTIATE(__nv_bfloat16, bf16)
+INSTANTIATE(__half, f16)
+INSTANTIATE(float, f32)

@@ -1,0 +1,513 @@
+//! Fused CUDA kernels for inference steps (`fused.cu`, compiled to PTX by
+//! `build.rs` with the `cuda` feature).
+//!
+//! A replayed decode step of Gemma-3-270M was about 550 kernels (some 30
+//! per layer), and a kernel in a graph costs a few microseconds however
+//! little it does, so the step took 2.3 ms against a 0.13 ms weight-read
+//! floor. Each function here replaces a run of candle's kernels:
+//! - [`add_rms_norm`]: the output norm, the residual add and the next
+//!   block's input norm (3 kernels, twice per layer);
+//! - [`qk_rope`]: the query and key norms, rotary embedding and the writes
+//!   of keys and values into the cache (about 9);
+//! - [`attention`]: scores, mask, softmax, weighted values and the heads'
+//!   transpose back (about 7);
+//! - [`gated`]: the MLP's activation and product (2).
+//!
+//! Each rounds to the compute dtype where candle's kernels do, so a fused
+//! step differs from an eager one only by the order of f32 sums
+//! (`tests/fused_cuda.rs` compares them on the GPU). Inference only: none
+//! records a gradient. The decoder calls them only after
+//! [`available`] said yes (`Decoder::set_fused_kernels`); in a build
+//! without CUDA every function returns an error.
+
+use candle_core::{DType, Device, Tensor};
+
+use super::family::Activation;
+
+/// Whether the kernels can run on `device` in `dtype`: a CUDA device of a
+/// build with the `cuda` feature, in bf16, f16 or f32.
+pub(crate) fn available(device: &Device, dtype: DType) -> bool {
+    cfg!(feature = "cuda")
+        && device.is_cuda()
+        && matches!(dtype, DType::BF16 | DType::F16 | DType::F32)
+}
+
+/// One RMS norm's multiplier (in the compute dtype) and epsilon.
+pub(crate) type Norm<'a> = (&'a Tensor, f64);
+
+/// `h = residual + post(x)` (`residual + x` without `post`) and
+/// `y = next(h)`, over the last axis of `x: [.., H]`; returns `(h, y)`.
+pub(crate) fn add_rms_norm(
+    x: &Tensor,
+    residual: &Tensor,
+    post: Option<Norm>,
+    next: Norm,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    imp::add_rms_norm(x, residual, post, next)
+}
+
+/// What [`qk_rope`] applies besides the cache writes: the query and key
+/// norms' multipliers when the model has them (`eps` for both) and the
+/// rotary tables `cos`/`sin` `[B, T, D/2]`.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) struct QkRope<'a> {
+    pub q_alpha: Option<&'a Tensor>,
+    pub k_alpha: Option<&'a Tensor>,
+    pub eps: f64,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+}
+
+/// Where [`qk_rope`] writes keys and values.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) enum KvTarget<'a> {
+    /// A static cache's `(keys, values)` `[B, nkv, C, D]`, written in place
+    /// at the columns `[T]` (u32).
+    Cache {
+        k: &'a Tensor,
+        v: &'a Tensor,
+        columns: &'a Tensor,
+    },
+    /// New tensors `[B, nkv, T, D]`, returned.
+    New,
+}
+
+/// Queries, keys and values after their projections (`q: [B, T, nh, D]`,
+/// `k`, `v`: `[B, T, nkv, D]`): the norms and rotary embedding of
+/// [`QkRope`], the keys and values written to `target`. Returns the
+/// queries `[B, T, nh, D]` and, for [`KvTarget::New`], the keys and values.
+pub(crate) fn qk_rope(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    params: &QkRope,
+    target: KvTarget,
+) -> candle_core::Result<(Tensor, Option<(Tensor, Tensor)>)> {
+    imp::qk_rope(q, k, v, params, target)
+}
+
+/// `softmax(softcap(q kᵀ · scale) + mask) v` for `q: [B, T, nh, D]` over
+/// `k`, `v`: `[B, nkv, S, D]` (query head `h` reads kv head
+/// `h / (nh / nkv)`), `mask: [B, 1, T, S]` additive; returns `[B, T, nh·D]`.
+/// `None` when the shape is beyond the kernel (`D` not a multiple of 8, or
+/// the scores of a row do not fit in shared memory) or when the product is
+/// large enough for candle's tensor-core matmuls to win (see
+/// [`ATTENTION_MAX_WORK`]): compose instead.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: Option<f64>,
+    softcap: Option<f64>,
+) -> candle_core::Result<Option<Tensor>> {
+    imp::attention(q, k, v, mask, scale, softcap)
+}
+
+/// Multiply-adds (`B·T·nh·S·D`) above which [`attention`] leaves the work
+/// to candle's batched matmuls: the kernel scores each query row on CUDA
+/// cores, reading its keys once per row, which wins while launches dominate
+/// (decode steps, one message's prefill) and loses on wide prefills of
+/// many rows.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) const ATTENTION_MAX_WORK: usize = 1 << 26;
+
+/// `act(gate) · up`, elementwise.
+pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    imp::gated(gate, up, act)
+}
+
+#[cfg(not(feature = "cuda"))]
+mod imp {
+    use super::*;
+
+    fn unavailable<T>() -> candle_core::Result<T> {
+        candle_core::bail!("the fused kernels need a build with the `cuda` feature")
+    }
+
+    pub(super) fn add_rms_norm(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<Norm>,
+        _: Norm,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        unavailable()
+    }
+
+    pub(super) fn qk_rope(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &QkRope,
+        _: KvTarget,
+    ) -> candle_core::Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        unavailable()
+    }
+
+    pub(super) fn attention(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<f64>,
+        _: Option<f64>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        unavailable()
+    }
+
+    pub(super) fn gated(_: &Tensor, _: &Tensor, _: Activation) -> candle_core::Result<Tensor> {
+        unavailable()
+    }
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use candle_core::cuda_backend::cudarc::driver::{
+        DevicePtr, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg,
+    };
+    use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{Shape, Storage};
+
+    use super::*;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
+    const MODULE: &str = "llm_router_fused";
+    /// Warps of an attention block.
+    const ATTENTION_THREADS: u32 = 256;
+    /// Shared memory a block may use without opting in.
+    const SHARED_LIMIT: usize = 48 * 1024 - 256;
+
+    fn cuda(t: &Tensor) -> candle_core::Result<CudaDevice> {
+        match t.device() {
+            Device::Cuda(d) => Ok(d.clone()),
+            _ => candle_core::bail!("the fused kernels take CUDA tensors"),
+        }
+    }
+
+    /// The device address of `t`'s first element; `t` must be contiguous
+    /// (a view with an offset is fine).
+    fn addr(t: &Tensor) -> candle_core::Result<u64> {
+        let (storage, layout) = t.storage_and_layout();
+        let Storage::Cuda(cs) = &*storage else {
+            candle_core::bail!("the fused kernels take CUDA tensors");
+        };
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            candle_core::bail!("the fused kernels take contiguous tensors");
+        };
+        let stream = cs.device.cuda_stream();
+        let base = match &cs.slice {
+            CudaStorageSlice::BF16(s) => s.device_ptr(&stream).0,
+            CudaStorageSlice::F16(s) => s.device_ptr(&stream).0,
+            CudaStorageSlice::F32(s) => s.device_ptr(&stream).0,
+            CudaStorageSlice::U32(s) => s.device_ptr(&stream).0,
+            _ => candle_core::bail!("the fused kernels do not take {:?} tensors", t.dtype()),
+        };
+        Ok(base + (start * t.dtype().size_in_bytes()) as u64)
+    }
+
+    /// An uninitialised tensor of `shape` (every element is written by the
+    /// kernel that receives it).
+    fn uninit(
+        dev: &CudaDevice,
+        dtype: DType,
+        shape: impl Into<Shape>,
+    ) -> candle_core::Result<Tensor> {
+        let shape = shape.into();
+        let n = shape.elem_count();
+        // SAFETY: the kernel given this buffer writes all of it before
+        // anything reads it.
+        let storage = unsafe {
+            match dtype {
+                DType::BF16 => {
+                    CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(n)?, dev.clone())
+                }
+                DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
+                DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+                other => candle_core::bail!("the fused kernels do not run in {other:?}"),
+            }
+        };
+        Ok(Tensor::from_storage(
+            Storage::Cuda(storage),
+            shape,
+            BackpropOp::none(),
+            false,
+        ))
+    }
+
+    /// Launches the kernel `name` for `dtype` with `args` pushed in order.
+    ///
+    /// # Safety
+    /// `args` must be what the kernel takes, every pointer addressing a
+    /// live buffer of the extent the kernel reads or writes under `cfg`.
+    unsafe fn launch(
+        dev: &CudaDevice,
+        name: &str,
+        dtype: DType,
+        cfg: LaunchConfig,
+        args: &[&dyn Arg],
+    ) -> candle_core::Result<()> {
+        let suffix = match dtype {
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::F32 => "f32",
+            other => candle_core::bail!("the fused kernels do not run in {other:?}"),
+        };
+        let func = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX)?;
+        let mut builder = func.builder();
+        for arg in args {
+            arg.push(&mut builder);
+        }
+        // SAFETY: as the caller promises.
+        unsafe { builder.launch(cfg) }.w()?;
+        Ok(())
+    }
+
+    /// A kernel argument passed by value (pointers travel as `u64`).
+    trait Arg {
+        fn push<'a>(&'a self, builder: &mut LaunchArgs<'a>);
+    }
+
+    impl<T: DeviceRepr> Arg for T {
+        fn push<'a>(&'a self, builder: &mut LaunchArgs<'a>) {
+            builder.arg(self);
+        }
+    }
+
+    fn same_dtype(dtype: DType, tensors: &[&Tensor]) -> candle_core::Result<()> {
+        match tensors.iter().find(|t| t.dtype() != dtype) {
+            Some(t) => candle_core::bail!("fused kernel inputs mix {dtype:?} and {:?}", t.dtype()),
+            None => Ok(()),
+        }
+    }
+
+    /// Threads for one row of `n` elements: a multiple of 32, at most 1024.
+    fn row_threads(n: usize) -> u32 {
+        (n.div_ceil(2).div_ceil(32) * 32).clamp(32, 1024) as u32
+    }
+
+    pub(super) fn add_rms_norm(
+        x: &Tensor,
+        residual: &Tensor,
+        post: Option<Norm>,
+        next: Norm,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let dev = cuda(x)?;
+        let dtype = x.dtype();
+        let n = x.dims().last().copied().unwrap_or(1);
+        if residual.shape() != x.shape() {
+            candle_core::bail!(
+                "residual {:?} and input {:?} differ",
+                residual.shape(),
+                x.shape()
+            );
+        }
+        let mut checked = vec![residual, next.0];
+        checked.extend(post.map(|p| p.0));
+        same_dtype(dtype, &checked)?;
+        let rows = x.elem_count() / n.max(1);
+        let (x, residual) = (x.contiguous()?, residual.contiguous()?);
+        let out = uninit(&dev, dtype, (2, rows, n))?;
+        let (ax, ar) = (addr(&x)?, addr(&residual)?);
+        let a_post = post.map(|p| addr(p.0)).transpose()?.unwrap_or(0);
+        let a_next = addr(next.0)?;
+        let (h_ptr, y_ptr) = (addr(&out.get(0)?)?, addr(&out.get(1)?)?);
+        let (n32, eps_post, eps_next) = (n as i32, post.map_or(0.0, |p| p.1) as f32, next.1 as f32);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (row_threads(n), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let args: [&dyn Arg; 9] = [
+            &ax, &ar, &a_post, &a_next, &h_ptr, &y_ptr, &n32, &eps_post, &eps_next,
+        ];
+        // SAFETY: every pointer addresses a live contiguous buffer of the
+        // sizes the kernel reads and writes (rows x n, n for the alphas).
+        unsafe { launch(&dev, "add_rms_norm", dtype, cfg, &args) }?;
+        let shape = x.shape().clone();
+        Ok((out.get(0)?.reshape(&shape)?, out.get(1)?.reshape(shape)?))
+    }
+
+    pub(super) fn qk_rope(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        p: &QkRope,
+        target: KvTarget,
+    ) -> candle_core::Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let dev = cuda(q)?;
+        let dtype = q.dtype();
+        let (b, t, nh, d) = q.dims4()?;
+        let (_, _, nkv, _) = k.dims4()?;
+        if k.dims() != v.dims() || k.dims() != [b, t, nkv, d] || d % 2 != 0 {
+            candle_core::bail!(
+                "queries {:?}, keys {:?} and values {:?} do not fit",
+                q.dims(),
+                k.dims(),
+                v.dims()
+            );
+        }
+        if p.cos.dims() != [b, t, d / 2] || p.sin.dims() != [b, t, d / 2] {
+            candle_core::bail!(
+                "rotary tables {:?} for queries {:?}",
+                p.cos.dims(),
+                q.dims()
+            );
+        }
+        let mut checked = vec![k, v, p.cos, p.sin];
+        checked.extend(p.q_alpha);
+        checked.extend(p.k_alpha);
+        same_dtype(dtype, &checked)?;
+        let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+        let (cos, sin) = (p.cos.contiguous()?, p.sin.contiguous()?);
+        let q_out = uninit(&dev, dtype, (b, t, nh, d))?;
+        let (k_cache, v_cache, cols, cap, new) = match target {
+            KvTarget::Cache {
+                k: kc,
+                v: vc,
+                columns,
+            } => {
+                let (_, _, cap, _) = kc.dims4()?;
+                if kc.dims() != [b, nkv, cap, d] || vc.dims() != kc.dims() || columns.dims() != [t]
+                {
+                    candle_core::bail!(
+                        "a static cache {:?} with columns {:?} for keys {:?}",
+                        kc.dims(),
+                        columns.dims(),
+                        k.dims()
+                    );
+                }
+                if columns.dtype() != DType::U32 {
+                    candle_core::bail!("cache columns must be u32, not {:?}", columns.dtype());
+                }
+                same_dtype(dtype, &[kc, vc])?;
+                (kc.clone(), vc.clone(), addr(columns)?, cap, false)
+            }
+            KvTarget::New => (
+                uninit(&dev, dtype, (b, nkv, t, d))?,
+                uninit(&dev, dtype, (b, nkv, t, d))?,
+                0,
+                t,
+                true,
+            ),
+        };
+        let ptrs = [
+            addr(&q)?,
+            addr(&k)?,
+            addr(&v)?,
+            p.q_alpha.map(addr).transpose()?.unwrap_or(0),
+            p.k_alpha.map(addr).transpose()?.unwrap_or(0),
+        ];
+        let eps = p.eps as f32;
+        let tables = [
+            addr(&cos)?,
+            addr(&sin)?,
+            cols,
+            addr(&k_cache)?,
+            addr(&v_cache)?,
+            addr(&q_out)?,
+        ];
+        let dims = [t as i32, nh as i32, nkv as i32, d as i32, cap as i32];
+        let cfg = LaunchConfig {
+            grid_dim: ((b * t) as u32, (nh + 2 * nkv) as u32, 1),
+            block_dim: (row_threads(d), 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        args.push(&eps);
+        args.extend(tables.iter().map(|p| p as &dyn Arg));
+        args.extend(dims.iter().map(|d| d as &dyn Arg));
+        // SAFETY: the shapes were checked above; the cache columns are
+        // within the capacity (the caller's bookkeeping: `StepInputs::fill`
+        // checks them), and every buffer is live and contiguous.
+        unsafe { launch(&dev, "qk_rope_store", dtype, cfg, &args) }?;
+        Ok((q_out, new.then_some((k_cache, v_cache))))
+    }
+
+    pub(super) fn attention(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: Option<f64>,
+        softcap: Option<f64>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dev = cuda(q)?;
+        let dtype = q.dtype();
+        let (b, t, nh, d) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        if k.dims() != [b, nkv, s, d]
+            || v.dims() != k.dims()
+            || mask.dims() != [b, 1, t, s]
+            || nh % nkv != 0
+        {
+            candle_core::bail!(
+                "attention over queries {:?}, keys {:?}, values {:?}, mask {:?}",
+                q.dims(),
+                k.dims(),
+                v.dims(),
+                mask.dims()
+            );
+        }
+        let warps = (ATTENTION_THREADS / 32) as usize;
+        let shared = (d + s + warps * d) * 4;
+        if d % 8 != 0 || shared > SHARED_LIMIT || b * t * nh * s * d > ATTENTION_MAX_WORK {
+            return Ok(None);
+        }
+        same_dtype(dtype, &[k, v, mask])?;
+        let (q, k, v, mask) = (
+            q.contiguous()?,
+            k.contiguous()?,
+            v.contiguous()?,
+            mask.contiguous()?,
+        );
+        let (kp, vp) = (addr(&k)?, addr(&v)?);
+        // The kernel reads keys and values 8 elements (16 or 32 bytes) at a time.
+        if kp % 16 != 0 || vp % 16 != 0 {
+            return Ok(None);
+        }
+        let out = uninit(&dev, dtype, (b, t, nh * d))?;
+        let ptrs = [addr(&q)?, kp, vp, addr(&mask)?, addr(&out)?];
+        let dims = [t as i32, nh as i32, nkv as i32, s as i32, d as i32];
+        let (scale, softcap) = (scale.unwrap_or(0.0) as f32, softcap.unwrap_or(0.0) as f32);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * t * nh) as u32, 1, 1),
+            block_dim: (ATTENTION_THREADS, 1, 1),
+            shared_mem_bytes: shared as u32,
+        };
+        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        args.extend(dims.iter().map(|d| d as &dyn Arg));
+        args.extend([&scale as &dyn Arg, &softcap]);
+        // SAFETY: shapes checked above, buffers live and contiguous, the
+        // shared memory within the default limit.
+        unsafe { launch(&dev, "attention", dtype, cfg, &args) }?;
+        Ok(Some(out))
+    }
+
+    pub(super) fn gated(
+        gate: &Tensor,
+        up: &Tensor,
+        act: Activation,
+    ) -> candle_core::Result<Tensor> {
+        let dev = cuda(gate)?;
+        let dtype = gate.dtype();
+        if gate.shape() != up.shape() {
+            candle_core::bail!("gate {:?} and up {:?} differ", gate.shape(), up.shape());
+        }
+        same_dtype(dtype, &[up])?;
+        let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+        let out = uninit(&dev, dtype, gate.shape().clone())?;
+        let n = gate.elem_count();
+        let ptrs = [addr(&gate)?, addr(&up)?, addr(&out)?];
+        let n64 = n as u64;
+        let act = match act {
+            Activation::GeluTanh => 0i32,
+            Activation::Silu => 1,
+        };
+        let cfg = LaunchConfig::for_num_elems(n as u32);
+        let args: [&dyn Arg; 5] = [&ptrs[0], &ptrs[1], &ptrs[2], &n64, &act];
+        // SAFETY: three live contiguous buffers of `n` elements.
+        unsafe { launch(&dev, "gated", dtype, cfg, &args) }?;
+        Ok(out)
+    }
+}

@@ -1,0 +1,268 @@
+//! The fused CUDA kernels (`src/model/fused.cu`) against candle's composed
+//! kernels, on the GPU: the same random-weight decoders with
+//! `set_fused_kernels` on and off must compute the same hidden states and
+//! write the same keys and values, with a growing cache, without a cache
+//! and over a static cache (the replayed steps' path), in f32 (to rounding)
+//! and bf16 (to bf16's precision).
+//!
+//! Shapes: the tiny test configurations (head size 8, 4 query heads over 2
+//! kv heads, Gemma's sliding window shorter than the sequences), Gemma-3-270M's
+//! attention shape (4 heads over 1 kv head of 256, hidden size 640) and a
+//! Llama shape with a query scale and soft-capped scores.
+//!
+//! Only in a build with `--features cuda`, and it needs a GPU: without one
+//! each test says so and passes (the CPU CI cannot run CUDA kernels;
+//! `scripts/gpu/fused.sh` runs these on the GPU machine).
+#![cfg(feature = "cuda")]
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use common::{random_decoder_in, tiny_config};
+use router::model::{dense_batch, Architecture, Batch, Cache, Decoder, Mode, ModelConfig};
+
+fn gpu() -> Option<Device> {
+    match Device::new_cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e})");
+            None
+        }
+    }
+}
+
+/// The shapes under test, by name.
+fn configs() -> Vec<(&'static str, ModelConfig)> {
+    let mut gemma_270m = tiny_config(Architecture::Gemma3);
+    gemma_270m.hidden_size = 640;
+    gemma_270m.intermediate_size = 2048;
+    gemma_270m.num_hidden_layers = 2;
+    gemma_270m.num_attention_heads = 4;
+    gemma_270m.num_key_value_heads = 1;
+    gemma_270m.head_dim = 256;
+    gemma_270m.query_pre_attn_scalar = 256.0;
+    gemma_270m.sliding_layers = vec![true, false];
+    let mut capped = tiny_config(Architecture::Llama);
+    capped.attn_logit_softcapping = Some(5.0);
+    capped.head_dim = 16;
+    vec![
+        ("tiny gemma3", tiny_config(Architecture::Gemma3)),
+        ("tiny llama", tiny_config(Architecture::Llama)),
+        ("gemma3-270m shape", gemma_270m),
+        ("llama, soft-capped", capped),
+    ]
+}
+
+/// The same weights twice: candle's kernels, then the fused ones.
+fn pair(cfg: &ModelConfig, dev: &Device, dtype: DType) -> (Decoder, Decoder) {
+    let plain = random_decoder_in(cfg, 11, dev, dtype);
+    let mut fused = random_decoder_in(cfg, 11, dev, dtype);
+    assert!(!plain.fused_kernels(), "off unless asked for");
+    assert!(
+        fused.set_fused_kernels(true),
+        "fused kernels available on CUDA in {dtype:?}"
+    );
+    (plain, fused)
+}
+
+/// Relative error `|a - b| / |b|` (Frobenius norms), in f32.
+fn relative(a: &Tensor, b: &Tensor) -> f32 {
+    let a = a.to_dtype(DType::F32).unwrap();
+    let b = b.to_dtype(DType::F32).unwrap();
+    let norm = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            .sqrt()
+    };
+    norm(&(&a - &b).unwrap()) / norm(&b).max(1e-12)
+}
+
+/// What the dtype's rounding allows between two orders of summation.
+fn tolerance(dtype: DType) -> f32 {
+    match dtype {
+        DType::F32 => 1e-5,
+        _ => 2e-2,
+    }
+}
+
+fn check(what: &str, got: &Tensor, want: &Tensor, dtype: DType) {
+    assert_eq!(got.dims(), want.dims(), "{what}");
+    let r = relative(got, want);
+    assert!(r <= tolerance(dtype), "{what}: relative difference {r}");
+}
+
+/// A prefix of 5 tokens on one row, repeated for 3 rows, then: a ragged
+/// left-padded prefill, three single-token steps (past Gemma's window of
+/// 4) and a step of three columns where one row has a padding column.
+fn steps() -> Vec<Batch> {
+    let p = Some;
+    vec![
+        Batch {
+            rows: vec![
+                vec![p(5), p(6), p(7), p(8)],
+                vec![None, p(5), p(6), p(7)],
+                vec![None, None, None, p(5)],
+            ],
+        },
+        Batch {
+            rows: vec![vec![p(9)], vec![p(8)], vec![p(6)]],
+        },
+        Batch {
+            rows: vec![vec![p(10)], vec![p(9)], vec![p(7)]],
+        },
+        Batch {
+            rows: vec![vec![p(11)], vec![p(10)], vec![p(8)]],
+        },
+        Batch {
+            rows: vec![
+                vec![p(12), p(13), p(14)],
+                vec![p(11), p(12), None],
+                vec![p(9), p(10), p(11)],
+            ],
+        },
+    ]
+}
+
+const PREFIX: usize = 5;
+const ROWS: usize = 3;
+
+fn tokens_for(batch: &Batch, salt: u32, vocab: usize) -> Vec<u32> {
+    batch
+        .rows
+        .iter()
+        .enumerate()
+        .flat_map(|(r, cols)| {
+            cols.iter().enumerate().map(move |(c, p)| match p {
+                Some(_) => (salt * 13 + r as u32 * 7 + c as u32 * 3 + 1) % vocab as u32,
+                None => 0,
+            })
+        })
+        .collect()
+}
+
+fn prefix(dec: &Decoder) -> Cache {
+    let vocab = dec.cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..PREFIX as u32).map(|i| (i * 31 + 5) % vocab).collect();
+    let t = Tensor::from_vec(ids, (1, PREFIX), &dec.device).unwrap();
+    let mut cache = Cache::default();
+    dec.forward_hidden(
+        &t,
+        &dense_batch(1, 0, PREFIX),
+        Some(&mut cache),
+        Mode::Infer,
+    )
+    .unwrap();
+    cache
+}
+
+/// Hidden states of every step with a growing cache.
+fn growing(dec: &Decoder) -> Vec<Tensor> {
+    let mut cache = prefix(dec).repeat(ROWS).unwrap();
+    steps()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let ids = tokens_for(b, i as u32, dec.cfg.vocab_size);
+            let t = Tensor::from_vec(ids, (ROWS, b.width()), &dec.device).unwrap();
+            dec.forward_hidden(&t, b, Some(&mut cache), Mode::Infer)
+                .unwrap()
+        })
+        .collect()
+}
+
+/// Hidden states of every step over a static cache of `capacity` columns,
+/// and the cache's keys and values at the end.
+fn static_run(dec: &Decoder, capacity: usize) -> (Vec<Tensor>, Vec<(Tensor, Tensor)>) {
+    let mut cache = dec.static_cache(ROWS, capacity).unwrap();
+    cache.load(&prefix(dec).repeat(ROWS).unwrap()).unwrap();
+    let hidden = steps()
+        .iter()
+        .enumerate()
+        .map(|(i, b)| {
+            let ids = tokens_for(b, i as u32, dec.cfg.vocab_size);
+            let mut inputs = dec.step_inputs(ROWS, b.width(), capacity).unwrap();
+            inputs.fill(&ids, b, &cache).unwrap();
+            let h = dec.forward_static(&inputs, &cache).unwrap();
+            cache.advance(b).unwrap();
+            h
+        })
+        .collect();
+    (hidden, cache.kv().to_vec())
+}
+
+const DTYPES: [DType; 2] = [DType::F32, DType::BF16];
+
+#[test]
+fn fused_steps_equal_candle_steps_with_a_growing_cache() {
+    let Some(dev) = gpu() else { return };
+    for (name, cfg) in configs() {
+        for dtype in DTYPES {
+            let (plain, fused) = pair(&cfg, &dev, dtype);
+            let (want, got) = (growing(&plain), growing(&fused));
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                check(&format!("{name} {dtype:?} growing step {i}"), g, w, dtype);
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_forward_equals_candle_forward_without_a_cache() {
+    let Some(dev) = gpu() else { return };
+    for (name, cfg) in configs() {
+        for dtype in DTYPES {
+            let (plain, fused) = pair(&cfg, &dev, dtype);
+            let batch = &steps()[0];
+            let ids = tokens_for(batch, 3, cfg.vocab_size);
+            let t = Tensor::from_vec(ids, (ROWS, batch.width()), &dev).unwrap();
+            let want = plain.forward_hidden(&t, batch, None, Mode::Infer).unwrap();
+            let got = fused.forward_hidden(&t, batch, None, Mode::Infer).unwrap();
+            check(&format!("{name} {dtype:?} uncached"), &got, &want, dtype);
+        }
+    }
+}
+
+#[test]
+fn fused_static_steps_write_the_same_cache_and_states() {
+    let Some(dev) = gpu() else { return };
+    let appended: usize = steps().iter().map(Batch::width).sum();
+    for (name, cfg) in configs() {
+        for dtype in DTYPES {
+            let (plain, fused) = pair(&cfg, &dev, dtype);
+            // Room to spare: the unwritten columns stay masked (and zero).
+            let capacity = PREFIX + appended + 9;
+            let (want, want_kv) = static_run(&plain, capacity);
+            let (got, got_kv) = static_run(&fused, capacity);
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                check(&format!("{name} {dtype:?} static step {i}"), g, w, dtype);
+            }
+            for (layer, ((gk, gv), (wk, wv))) in got_kv.iter().zip(&want_kv).enumerate() {
+                check(
+                    &format!("{name} {dtype:?} layer {layer} keys"),
+                    gk,
+                    wk,
+                    dtype,
+                );
+                check(
+                    &format!("{name} {dtype:?} layer {layer} values"),
+                    gv,
+                    wv,
+                    dtype,
+                );
+            }
+            // And the static steps agree with the growing cache's.
+            for (i, (g, w)) in got.iter().zip(&growing(&plain)).enumerate() {
+                check(
+                    &format!("{name} {dtype:?} static vs growing step {i}"),
+                    g,
+                    w,
+                    dtype,
+                );
+            }
+        }
+    }
+}
