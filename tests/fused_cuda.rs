@@ -19,7 +19,9 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::{random_decoder_in, tiny_config};
+use router::lora::{self, LoraConfig};
 use router::model::{dense_batch, Architecture, Batch, Cache, Decoder, Mode, ModelConfig};
+use router::rng::SplitMix64;
 
 fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
@@ -210,18 +212,109 @@ fn fused_steps_equal_candle_steps_with_a_growing_cache() {
     }
 }
 
+/// A ragged batch of 3 x 8 columns: 24 rows for the projections, more
+/// than the skinny kernels take (candle's matmuls then, the other fused
+/// kernels still).
+fn wide() -> Batch {
+    let p = Some;
+    Batch {
+        rows: vec![
+            (0..8).map(p).collect(),
+            [None, None].into_iter().chain((0..6).map(p)).collect(),
+            (0..7).map(p).chain([None]).collect(),
+        ],
+    }
+}
+
+/// Hidden states of one uncached pass over `batch`.
+fn uncached(dec: &Decoder, batch: &Batch) -> Tensor {
+    let ids = tokens_for(batch, 3, dec.cfg.vocab_size);
+    let t = Tensor::from_vec(ids, (batch.rows.len(), batch.width()), &dec.device).unwrap();
+    dec.forward_hidden(&t, batch, None, Mode::Infer).unwrap()
+}
+
 #[test]
 fn fused_forward_equals_candle_forward_without_a_cache() {
     let Some(dev) = gpu() else { return };
     for (name, cfg) in configs() {
         for dtype in DTYPES {
             let (plain, fused) = pair(&cfg, &dev, dtype);
-            let batch = &steps()[0];
-            let ids = tokens_for(batch, 3, cfg.vocab_size);
-            let t = Tensor::from_vec(ids, (ROWS, batch.width()), &dev).unwrap();
-            let want = plain.forward_hidden(&t, batch, None, Mode::Infer).unwrap();
-            let got = fused.forward_hidden(&t, batch, None, Mode::Infer).unwrap();
-            check(&format!("{name} {dtype:?} uncached"), &got, &want, dtype);
+            for (what, batch) in [("narrow", steps().remove(0)), ("wide", wide())] {
+                let (got, want) = (uncached(&fused, &batch), uncached(&plain, &batch));
+                check(
+                    &format!("{name} {dtype:?} uncached {what}"),
+                    &got,
+                    &want,
+                    dtype,
+                );
+            }
+        }
+    }
+}
+
+/// The same random adapter (B non-zero) on every projection of `dec`.
+fn adapt(dec: &mut Decoder) {
+    let targets = [
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ];
+    lora::init(dec, &LoraConfig::new(4, 8.0, 0.0, &targets), 3).unwrap();
+    let mut rng = SplitMix64(5);
+    for l in dec.linears() {
+        if let Some(pair) = l.lora() {
+            let b = pair.b().as_tensor();
+            let (o, r) = b.dims2().unwrap();
+            let v: Vec<f32> = (0..o * r)
+                .map(|_| (rng.next_f64() as f32 - 0.5) * 0.2)
+                .collect();
+            let v = Tensor::from_vec(v, (o, r), &Device::Cpu).unwrap();
+            pair.b()
+                .set(
+                    &v.to_dtype(b.dtype())
+                        .unwrap()
+                        .to_device(b.device())
+                        .unwrap(),
+                )
+                .unwrap();
+        }
+    }
+}
+
+#[test]
+fn fused_steps_follow_adapters_merged_or_not() {
+    let Some(dev) = gpu() else { return };
+    for (name, cfg) in configs() {
+        for dtype in DTYPES {
+            let (mut plain, mut fused) = pair(&cfg, &dev, dtype);
+            let base = growing(&fused);
+            adapt(&mut plain);
+            adapt(&mut fused);
+            for merged in [false, true] {
+                if merged {
+                    for l in plain.linears_mut().chain(fused.linears_mut()) {
+                        l.merge().unwrap();
+                    }
+                }
+                let (want, got) = (growing(&plain), growing(&fused));
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    check(
+                        &format!("{name} {dtype:?} adapted (merged {merged}) step {i}"),
+                        g,
+                        w,
+                        dtype,
+                    );
+                }
+                // The adapter changes the states (the check is not vacuous).
+                assert!(
+                    relative(&got[0], &base[0]) > 10.0 * tolerance(dtype),
+                    "{name}: adapter had no effect"
+                );
+            }
         }
     }
 }

@@ -132,15 +132,18 @@ __device__ void add_rms_norm(const T *x, const T *residual, const T *a_post, con
 }
 
 // Queries, keys and values of one step after their projections: the query
-// and key norms (when given), rotary embedding of queries and keys, the
+// and key norms (when given), rotary embedding of queries and keys (angles
+// `positions[bt] * inv_freq[i]` in f32, their cos and sin rounded to T as
+// candle's tables are), the
 // queries written to `q_out` in the projection's layout `[B*T, nh, D]`, the
 // keys and values written into the cache `[B, nkv, C, D]` at the columns
 // `cols[t]` (at column t when `cols` is null). Grid (B*T, nh + 2*nkv);
 // each block holds one head's vector, thread i its elements i and i + D/2.
 template <typename T>
 __device__ void qk_rope_store(const T *q, const T *k, const T *v, const T *q_alpha,
-                              const T *k_alpha, const float eps, const T *cos, const T *sin,
-                              const uint32_t *cols, T *k_cache, T *v_cache, T *q_out,
+                              const T *k_alpha, const float eps, const uint32_t *positions,
+                              const float *inv_freq, const uint32_t *cols, T *k_cache,
+                              T *v_cache, T *q_out,
                               const int t_len, const int nh, const int nkv, const int d,
                               const int cap) {
     __shared__ float scratch[32];
@@ -182,8 +185,9 @@ __device__ void qk_rope_store(const T *q, const T *k, const T *v, const T *q_alp
     }
     if (!active) return;
     if (rotate) {
-        const T c = cos[(size_t)bt * half + i];
-        const T s = sin[(size_t)bt * half + i];
+        const float angle = (float)positions[bt] * inv_freq[i];
+        const T c = from_f<T>(cosf(angle));
+        const T s = from_f<T>(sinf(angle));
         const T y1 = x1 * c - x2 * s;
         const T y2 = x1 * s + x2 * c;
         x1 = y1;
@@ -301,25 +305,116 @@ __device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *
     }
 }
 
-// act(gate) * up elementwise, in the element type as candle's unary and
-// binary kernels compute it: act 0 is tanh-approximated GELU, 1 is SiLU.
+// The MLP's activation in the element type, as candle's unary kernels
+// compute it: act 0 is tanh-approximated GELU (in T arithmetic), 1 is SiLU
+// (in f32).
+template <typename T>
+__device__ __forceinline__ T activate(const T x, const int act) {
+    if (act == 0) {
+        const T x_sq = x * x;
+        const T x_cube = x_sq * x;
+        const T alpha = x + from_f<T>(0.044715f) * x_cube;
+        return from_f<T>(0.5f) * x *
+               (from_f<T>(1.0f) + tanh_t(from_f<T>((float)(M_2_SQRTPI * M_SQRT1_2)) * alpha));
+    }
+    const float xf = to_f(x);
+    return from_f<T>(xf / (1.0f + expf(-xf)));
+}
+
+// act(gate) * up elementwise (the activation's result rounded, then the
+// product, as candle's two kernels do).
 template <typename T>
 __device__ void gated(const T *gate, const T *up, T *out, const size_t n, const int act) {
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
-        const T x = gate[i];
-        T a;
-        if (act == 0) {
-            const T x_sq = x * x;
-            const T x_cube = x_sq * x;
-            const T alpha = x + from_f<T>(0.044715f) * x_cube;
-            a = from_f<T>(0.5f) * x *
-                (from_f<T>(1.0f) + tanh_t(from_f<T>((float)(M_2_SQRTPI * M_SQRT1_2)) * alpha));
-        } else {
-            const float xf = to_f(x);
-            a = from_f<T>(xf / (1.0f + expf(-xf)));
+        out[i] = activate(gate[i], act) * up[i];
+    }
+}
+
+// Rows a skinny matmul takes at most.
+#define SKINNY_MAX_ROWS 16
+
+// Dot products of one weight row `w` (k elements) with every row of `x`
+// (m_rows x k), accumulated per lane into `acc`; a lane reads 8 weights and
+// 8 inputs of each row at a time.
+template <typename T>
+__device__ __forceinline__ void row_dots(const T *x, const int m_rows, const int k, const T *w,
+                                         float *acc) {
+    const int lane = threadIdx.x % WARP;
+    for (int f = lane * 8; f < k; f += WARP * 8) {
+        float wv[8];
+        load8(w + f, wv);
+#pragma unroll
+        for (int m = 0; m < SKINNY_MAX_ROWS; ++m) {
+            if (m < m_rows) {
+                float xv[8];
+                load8(x + (size_t)m * k + f, xv);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) acc[m] += wv[e] * xv[e];
+            }
         }
-        out[i] = a * up[i];
+    }
+}
+
+// y_i = x · W_iᵀ for up to three weights `W_i: [n_i, k]` at once (the
+// projections that read the same input), `x: [m_rows, k]` with
+// m_rows <= 16: one warp per output feature, f32 sums rounded once, as a
+// bf16 GEMM with f32 accumulation rounds. Unused weights have n_i = 0.
+template <typename T>
+__device__ void skinny_matmul(const T *x, const int m_rows, const int k, const T *w0, T *y0,
+                              const int n0, const T *w1, T *y1, const int n1, const T *w2, T *y2,
+                              const int n2) {
+    int n = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    const T *w;
+    T *y;
+    int width;
+    if (n < n0) {
+        w = w0; y = y0; width = n0;
+    } else if ((n -= n0) < n1) {
+        w = w1; y = y1; width = n1;
+    } else if ((n -= n1) < n2) {
+        w = w2; y = y2; width = n2;
+    } else {
+        return;
+    }
+    float acc[SKINNY_MAX_ROWS];
+#pragma unroll
+    for (int m = 0; m < SKINNY_MAX_ROWS; ++m) acc[m] = 0.0f;
+    row_dots(x, m_rows, k, w + (size_t)n * k, acc);
+#pragma unroll
+    for (int m = 0; m < SKINNY_MAX_ROWS; ++m) {
+        if (m < m_rows) {
+            const float s = warp_sum(acc[m]);
+            if (threadIdx.x % WARP == 0) y[(size_t)m * width + n] = from_f<T>(s);
+        }
+    }
+}
+
+// act(x · W_gateᵀ) * (x · W_upᵀ), `W_gate`, `W_up`: [n, k], for m_rows <= 16:
+// the MLP's two input projections and its activation in one kernel, one
+// warp per output feature, each projection rounded as a GEMM rounds it.
+template <typename T>
+__device__ void skinny_gated(const T *x, const int m_rows, const int k, const T *w_gate,
+                             const T *w_up, T *out, const int n, const int act) {
+    const int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
+    if (row >= n) return;
+    float g[SKINNY_MAX_ROWS], u[SKINNY_MAX_ROWS];
+#pragma unroll
+    for (int m = 0; m < SKINNY_MAX_ROWS; ++m) {
+        g[m] = 0.0f;
+        u[m] = 0.0f;
+    }
+    row_dots(x, m_rows, k, w_gate + (size_t)row * k, g);
+    row_dots(x, m_rows, k, w_up + (size_t)row * k, u);
+#pragma unroll
+    for (int m = 0; m < SKINNY_MAX_ROWS; ++m) {
+        if (m < m_rows) {
+            const float gs = warp_sum(g[m]);
+            const float us = warp_sum(u[m]);
+            if (threadIdx.x % WARP == 0) {
+                out[(size_t)m * n + row] = activate(from_f<T>(gs), act) * from_f<T>(us);
+            }
+        }
     }
 }
 
@@ -331,10 +426,11 @@ __device__ void gated(const T *gate, const T *up, T *out, const size_t n, const 
     }                                                                                            \
     extern "C" __global__ void qk_rope_store_##SUFFIX(                                           \
         const T *q, const T *k, const T *v, const T *q_alpha, const T *k_alpha, const float eps, \
-        const T *cos, const T *sin, const uint32_t *cols, T *k_cache, T *v_cache, T *q_out,      \
-        const int t_len, const int nh, const int nkv, const int d, const int cap) {              \
-        qk_rope_store<T>(q, k, v, q_alpha, k_alpha, eps, cos, sin, cols, k_cache, v_cache,       \
-                         q_out, t_len, nh, nkv, d, cap);                                         \
+        const uint32_t *positions, const float *inv_freq, const uint32_t *cols, T *k_cache,      \
+        T *v_cache, T *q_out, const int t_len, const int nh, const int nkv, const int d,         \
+        const int cap) {                                                                         \
+        qk_rope_store<T>(q, k, v, q_alpha, k_alpha, eps, positions, inv_freq, cols, k_cache,     \
+                         v_cache, q_out, t_len, nh, nkv, d, cap);                                \
     }                                                                                            \
     extern "C" __global__ void attention_##SUFFIX(                                               \
         const T *q, const T *k, const T *v, const T *mask, T *out, const int t_len, const int nh, \
@@ -344,6 +440,16 @@ __device__ void gated(const T *gate, const T *up, T *out, const size_t n, const 
     extern "C" __global__ void gated_##SUFFIX(const T *gate, const T *up, T *out,               \
                                               const size_t n, const int act) {                   \
         gated<T>(gate, up, out, n, act);                                                         \
+    }                                                                                            \
+    extern "C" __global__ void skinny_matmul_##SUFFIX(                                           \
+        const T *x, const int m_rows, const int k, const T *w0, T *y0, const int n0, const T *w1, \
+        T *y1, const int n1, const T *w2, T *y2, const int n2) {                                 \
+        skinny_matmul<T>(x, m_rows, k, w0, y0, n0, w1, y1, n1, w2, y2, n2);                      \
+    }                                                                                            \
+    extern "C" __global__ void skinny_gated_##SUFFIX(const T *x, const int m_rows, const int k,  \
+                                                     const T *w_gate, const T *w_up, T *out,     \
+                                                     const int n, const int act) {               \
+        skinny_gated<T>(x, m_rows, k, w_gate, w_up, out, n, act);                                \
     }
 
 INSTANTIATE(__nv_bfloat16, bf16)

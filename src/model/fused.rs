@@ -48,14 +48,15 @@ pub(crate) fn add_rms_norm(
 
 /// What [`qk_rope`] applies besides the cache writes: the query and key
 /// norms' multipliers when the model has them (`eps` for both) and the
-/// rotary tables `cos`/`sin` `[B, T, D/2]`.
+/// rotary embedding's `positions` (`[B, T]` u32) and inverse frequencies
+/// (`[D/2]` f32), from which the kernel computes the angles.
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) struct QkRope<'a> {
     pub q_alpha: Option<&'a Tensor>,
     pub k_alpha: Option<&'a Tensor>,
     pub eps: f64,
-    pub cos: &'a Tensor,
-    pub sin: &'a Tensor,
+    pub positions: &'a Tensor,
+    pub inv_freq: &'a Tensor,
 }
 
 /// Where [`qk_rope`] writes keys and values.
@@ -117,6 +118,34 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core:
     imp::gated(gate, up, act)
 }
 
+/// Rows (`B·T`) up to which [`matmul_t`] and [`gated_matmul_t`] take a
+/// step's projections: a matrix-vector kernel (one warp per output
+/// feature) that reads each weight once for all rows. Wider steps go to
+/// candle's matmuls (cuBLAS, tensor cores).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(crate) const SKINNY_MAX_ROWS: usize = 16;
+
+/// `x · W_iᵀ` for each of up to three weights `W_i: [N_i, K]` in one
+/// kernel, for `x: [.., K]` of at most [`SKINNY_MAX_ROWS`] rows; returns
+/// `[.., N_i]` each. `None` when the shapes are beyond the kernel.
+pub(crate) fn matmul_t(
+    x: &Tensor,
+    weights: &[&Tensor],
+) -> candle_core::Result<Option<Vec<Tensor>>> {
+    imp::matmul_t(x, weights)
+}
+
+/// `act(x · W_gateᵀ) · (x · W_upᵀ)` in one kernel, for `x` of at most
+/// [`SKINNY_MAX_ROWS`] rows. `None` when the shapes are beyond the kernel.
+pub(crate) fn gated_matmul_t(
+    x: &Tensor,
+    w_gate: &Tensor,
+    w_up: &Tensor,
+    act: Activation,
+) -> candle_core::Result<Option<Tensor>> {
+    imp::gated_matmul_t(x, w_gate, w_up, act)
+}
+
 #[cfg(not(feature = "cuda"))]
 mod imp {
     use super::*;
@@ -156,6 +185,19 @@ mod imp {
     }
 
     pub(super) fn gated(_: &Tensor, _: &Tensor, _: Activation) -> candle_core::Result<Tensor> {
+        unavailable()
+    }
+
+    pub(super) fn matmul_t(_: &Tensor, _: &[&Tensor]) -> candle_core::Result<Option<Vec<Tensor>>> {
+        unavailable()
+    }
+
+    pub(super) fn gated_matmul_t(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: Activation,
+    ) -> candle_core::Result<Option<Tensor>> {
         unavailable()
     }
 }
@@ -281,6 +323,14 @@ mod imp {
         }
     }
 
+    /// The kernels' code for an activation (`activate` in fused.cu).
+    fn act_code(act: Activation) -> i32 {
+        match act {
+            Activation::GeluTanh => 0,
+            Activation::Silu => 1,
+        }
+    }
+
     /// Threads for one row of `n` elements: a multiple of 32, at most 1024.
     fn row_threads(n: usize) -> u32 {
         (n.div_ceil(2).div_ceil(32) * 32).clamp(32, 1024) as u32
@@ -347,19 +397,21 @@ mod imp {
                 v.dims()
             );
         }
-        if p.cos.dims() != [b, t, d / 2] || p.sin.dims() != [b, t, d / 2] {
+        if p.positions.dims() != [b, t] || p.inv_freq.dims() != [d / 2] {
             candle_core::bail!(
-                "rotary tables {:?} for queries {:?}",
-                p.cos.dims(),
+                "rotary positions {:?} and frequencies {:?} for queries {:?}",
+                p.positions.dims(),
+                p.inv_freq.dims(),
                 q.dims()
             );
         }
-        let mut checked = vec![k, v, p.cos, p.sin];
+        let mut checked = vec![k, v];
         checked.extend(p.q_alpha);
         checked.extend(p.k_alpha);
         same_dtype(dtype, &checked)?;
         let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-        let (cos, sin) = (p.cos.contiguous()?, p.sin.contiguous()?);
+        let positions = p.positions.to_dtype(DType::U32)?.contiguous()?;
+        let inv_freq = p.inv_freq.to_dtype(DType::F32)?.contiguous()?;
         let q_out = uninit(&dev, dtype, (b, t, nh, d))?;
         let (k_cache, v_cache, cols, cap, new) = match target {
             KvTarget::Cache {
@@ -400,8 +452,8 @@ mod imp {
         ];
         let eps = p.eps as f32;
         let tables = [
-            addr(&cos)?,
-            addr(&sin)?,
+            addr(&positions)?,
+            addr(&inv_freq)?,
             cols,
             addr(&k_cache)?,
             addr(&v_cache)?,
@@ -500,14 +552,129 @@ mod imp {
         let n = gate.elem_count();
         let ptrs = [addr(&gate)?, addr(&up)?, addr(&out)?];
         let n64 = n as u64;
-        let act = match act {
-            Activation::GeluTanh => 0i32,
-            Activation::Silu => 1,
-        };
+        let act = act_code(act);
         let cfg = LaunchConfig::for_num_elems(n as u32);
         let args: [&dyn Arg; 5] = [&ptrs[0], &ptrs[1], &ptrs[2], &n64, &act];
         // SAFETY: three live contiguous buffers of `n` elements.
         unsafe { launch(&dev, "gated", dtype, cfg, &args) }?;
         Ok(out)
+    }
+
+    /// `x` as `[rows, K]` with its address, when the skinny kernels take it.
+    fn skinny_input(x: &Tensor) -> candle_core::Result<Option<(Tensor, usize, usize, u64)>> {
+        let k = x.dims().last().copied().unwrap_or(0);
+        let rows = x.elem_count() / k.max(1);
+        if k == 0 || k % 8 != 0 || rows == 0 || rows > SKINNY_MAX_ROWS {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let ptr = addr(&x)?;
+        // The kernels read 8 elements (16 or 32 bytes) at a time.
+        Ok((ptr % 16 == 0).then_some((x, rows, k, ptr)))
+    }
+
+    /// A weight `[N, K]` the skinny kernels can read: its address.
+    fn skinny_weight(w: &Tensor, k: usize, dtype: DType) -> candle_core::Result<Option<u64>> {
+        if w.rank() != 2 || w.dim(1)? != k || w.dtype() != dtype || !w.is_contiguous() {
+            return Ok(None);
+        }
+        let ptr = addr(w)?;
+        Ok((ptr % 16 == 0).then_some(ptr))
+    }
+
+    /// Blocks of 8 warps for `warps` output features.
+    fn warp_grid(warps: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (warps.div_ceil(8) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub(super) fn matmul_t(
+        x: &Tensor,
+        weights: &[&Tensor],
+    ) -> candle_core::Result<Option<Vec<Tensor>>> {
+        if weights.is_empty() || weights.len() > 3 {
+            return Ok(None);
+        }
+        let dtype = x.dtype();
+        let Some((x, rows, k, xp)) = skinny_input(x)? else {
+            return Ok(None);
+        };
+        let dev = cuda(&x)?;
+        let mut ptrs = Vec::with_capacity(3);
+        for w in weights {
+            let Some(p) = skinny_weight(w, k, dtype)? else {
+                return Ok(None);
+            };
+            ptrs.push(p);
+        }
+        let lead = &x.dims()[..x.rank() - 1];
+        let mut outs = Vec::with_capacity(weights.len());
+        for w in weights {
+            let mut dims = lead.to_vec();
+            dims.push(w.dim(0)?);
+            outs.push(uninit(&dev, dtype, dims)?);
+        }
+        // (weight, output, features) for three slots, unused ones empty.
+        let mut slots = [(0u64, 0u64, 0i32); 3];
+        for (i, (w, out)) in weights.iter().zip(&outs).enumerate() {
+            slots[i] = (ptrs[i], addr(out)?, w.dim(0)? as i32);
+        }
+        let total: usize = weights.iter().map(|w| w.dim(0).unwrap_or(0)).sum();
+        let (rows32, k32) = (rows as i32, k as i32);
+        let args: [&dyn Arg; 12] = [
+            &xp,
+            &rows32,
+            &k32,
+            &slots[0].0,
+            &slots[0].1,
+            &slots[0].2,
+            &slots[1].0,
+            &slots[1].1,
+            &slots[1].2,
+            &slots[2].0,
+            &slots[2].1,
+            &slots[2].2,
+        ];
+        // SAFETY: `x` holds rows x K elements, each weight N_i x K and each
+        // output rows x N_i, all live, contiguous and 16-byte aligned.
+        unsafe { launch(&dev, "skinny_matmul", dtype, warp_grid(total), &args) }?;
+        Ok(Some(outs))
+    }
+
+    pub(super) fn gated_matmul_t(
+        x: &Tensor,
+        w_gate: &Tensor,
+        w_up: &Tensor,
+        act: Activation,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dtype = x.dtype();
+        let Some((x, rows, k, xp)) = skinny_input(x)? else {
+            return Ok(None);
+        };
+        let (Some(gp), Some(up)) = (
+            skinny_weight(w_gate, k, dtype)?,
+            skinny_weight(w_up, k, dtype)?,
+        ) else {
+            return Ok(None);
+        };
+        let n = w_gate.dim(0)?;
+        if w_up.dim(0)? != n {
+            return Ok(None);
+        }
+        let dev = cuda(&x)?;
+        let mut dims = x.dims()[..x.rank() - 1].to_vec();
+        dims.push(n);
+        let out = uninit(&dev, dtype, dims)?;
+        let op = addr(&out)?;
+        let (rows32, k32, n32) = (rows as i32, k as i32, n as i32);
+        let act = act_code(act);
+        let args: [&dyn Arg; 8] = [&xp, &rows32, &k32, &gp, &up, &op, &n32, &act];
+        // SAFETY: `x` holds rows x K elements, both weights N x K, the output
+        // rows x N, all live, contiguous and 16-byte aligned.
+        unsafe { launch(&dev, "skinny_gated", dtype, warp_grid(n), &args) }?;
+        Ok(Some(out))
     }
 }

@@ -286,6 +286,16 @@ impl Linear {
         self.refresh_q8()
     }
 
+    /// The one weight `[out, in]` an inference step multiplies by (merged
+    /// with its adapter when it has one); `None` while a trainable pair is
+    /// attached unmerged (its adapter is a separate product).
+    pub(crate) fn inference_weight(&self) -> Option<&Tensor> {
+        match (&self.lora, &self.merged) {
+            (Some(_), None) => None,
+            (_, merged) => Some(merged.as_ref().unwrap_or(&self.weight)),
+        }
+    }
+
     /// Whether a Q8_0 copy is in use.
     pub fn is_quantized(&self) -> bool {
         self.q8.is_some()

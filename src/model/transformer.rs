@@ -149,6 +149,60 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor, mode: Mode) -> candle_co
     }
 }
 
+/// One layer's rotary embedding in one pass: its inverse frequencies, the
+/// pass's positions `[B, T]` (u32) and, for candle's kernels, the cos/sin
+/// tables computed from them once per pass (the fused kernel computes the
+/// angles itself).
+struct Rope<'a> {
+    rotary: &'a Rotary,
+    positions: &'a Tensor,
+    tables: Option<&'a (Tensor, Tensor)>,
+}
+
+impl Rope<'_> {
+    /// The cos/sin tables `[B, T, D/2]` in `dtype`, computed here when the
+    /// pass has none.
+    fn tables(&self, dtype: DType) -> candle_core::Result<std::borrow::Cow<'_, (Tensor, Tensor)>> {
+        Ok(match self.tables {
+            Some(t) => std::borrow::Cow::Borrowed(t),
+            None => std::borrow::Cow::Owned(self.rotary.tables(self.positions, dtype)?),
+        })
+    }
+}
+
+/// `x` through each of `linears`, one output each. With `fused`, up to
+/// three projections of a step of few rows are one kernel
+/// ([`fused::matmul_t`]).
+fn project(
+    x: &Tensor,
+    linears: &[&Linear],
+    mode: Mode,
+    fused: bool,
+) -> candle_core::Result<Vec<Tensor>> {
+    if fused {
+        let weights: Option<Vec<&Tensor>> = linears.iter().map(|l| l.inference_weight()).collect();
+        if let Some(weights) = weights {
+            if let Some(out) = fused::matmul_t(x, &weights)? {
+                return Ok(out);
+            }
+        }
+    }
+    linears.iter().map(|l| l.forward(x, mode)).collect()
+}
+
+/// [`project`] for one projection.
+fn project_one(
+    x: &Tensor,
+    linear: &Linear,
+    mode: Mode,
+    fused: bool,
+) -> candle_core::Result<Tensor> {
+    match project(x, &[linear], mode, fused)?.pop() {
+        Some(y) => Ok(y),
+        None => candle_core::bail!("no output from {}", linear.name()),
+    }
+}
+
 /// Where one layer's new keys and values go, and so which keys it attends
 /// to.
 enum Kv<'a> {
@@ -248,7 +302,7 @@ impl Attention {
         &self,
         x: &Tensor,
         cfg: &ModelConfig,
-        cos_sin: &(Tensor, Tensor),
+        rope: &Rope,
         mask: &Tensor,
         kv: Kv,
         mode: Mode,
@@ -262,13 +316,18 @@ impl Attention {
         );
         // Norms and rotary work on `[B, T, heads, D]` as the projections
         // write it; only the attention product needs heads first.
-        let q = self.q_proj.forward(x, mode)?.reshape((b, t, nh, hd))?;
-        let k = self.k_proj.forward(x, mode)?.reshape((b, t, nkv, hd))?;
-        let v = self.v_proj.forward(x, mode)?.reshape((b, t, nkv, hd))?;
+        let qkv = [&self.q_proj, &self.k_proj, &self.v_proj];
+        let [q, k, v]: [Tensor; 3] = project(x, &qkv, mode, fused)?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("expected three projections".into()))?;
+        let q = q.reshape((b, t, nh, hd))?;
+        let k = k.reshape((b, t, nkv, hd))?;
+        let v = v.reshape((b, t, nkv, hd))?;
         if fused {
-            let out = self.attend_fused(&q, &k, &v, cfg, cos_sin, mask, kv)?;
-            return self.o_proj.forward(&out, mode);
+            let out = self.attend_fused(&q, &k, &v, cfg, rope, mask, kv)?;
+            return project_one(&out, &self.o_proj, mode, fused);
         }
+        let cos_sin = rope.tables(q.dtype())?;
         let q = match &self.q_norm {
             Some(n) => n.forward(&q, mode)?,
             None => q,
@@ -356,7 +415,7 @@ impl Attention {
         k: &Tensor,
         v: &Tensor,
         cfg: &ModelConfig,
-        cos_sin: &(Tensor, Tensor),
+        rope: &Rope,
         mask: &Tensor,
         kv: Kv,
     ) -> candle_core::Result<Tensor> {
@@ -368,8 +427,8 @@ impl Attention {
                 .as_ref()
                 .or(self.k_norm.as_ref())
                 .map_or(0.0, |n| n.eps),
-            cos: &cos_sin.0,
-            sin: &cos_sin.1,
+            positions: rope.positions,
+            inv_freq: &rope.rotary.inv_freq,
         };
         let new_kv = |q_out: Tensor, kv: Option<(Tensor, Tensor)>| match kv {
             Some((k, v)) => Ok((q_out, k, v)),
@@ -432,19 +491,46 @@ impl Mlp {
         mode: Mode,
         fused: bool,
     ) -> candle_core::Result<Tensor> {
-        let gate = self.gate_proj.forward(x, mode)?;
         if fused {
-            let up = self.up_proj.forward(x, mode)?;
-            return self
-                .down_proj
-                .forward(&fused::gated(&gate, &up, act)?, mode);
+            return self.forward_fused(x, act, mode);
         }
+        let gate = self.gate_proj.forward(x, mode)?;
         let gate = match act {
             Activation::GeluTanh => gate.gelu()?,
             Activation::Silu => candle_nn::Activation::Silu.forward(&gate)?,
         };
         let up = self.up_proj.forward(x, mode)?;
         self.down_proj.forward(&(gate * up)?, mode)
+    }
+
+    /// The same with the fused kernels: both input projections and the
+    /// activation in one kernel for a step of few rows, else the
+    /// projections and then one kernel for the activation and product.
+    fn forward_fused(
+        &self,
+        x: &Tensor,
+        act: Activation,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let weights = (
+            self.gate_proj.inference_weight(),
+            self.up_proj.inference_weight(),
+        );
+        let skinny = match weights {
+            (Some(g), Some(u)) => fused::gated_matmul_t(x, g, u, act)?,
+            _ => None,
+        };
+        let h = match skinny {
+            Some(h) => h,
+            None => {
+                let [gate, up]: [Tensor; 2] =
+                    project(x, &[&self.gate_proj, &self.up_proj], mode, true)?
+                        .try_into()
+                        .map_err(|_| candle_core::Error::Msg("expected two projections".into()))?;
+                fused::gated(&gate, &up, act)?
+            }
+        };
+        project_one(&h, &self.down_proj, mode, true)
     }
 }
 
@@ -688,11 +774,19 @@ impl Decoder {
         mode: Mode,
     ) -> candle_core::Result<Tensor> {
         let (b, t) = tokens.dims2()?;
-        let global = self.rotary_global.tables(positions, self.dtype)?;
-        let local = if self.needs_local() {
-            Some(self.rotary_local.tables(positions, self.dtype)?)
-        } else {
+        let fused = self.fused && matches!(mode, Mode::Infer);
+        // candle's rotary kernel takes tables, computed once per pass; the
+        // fused kernel computes the angles from the positions.
+        let tables = if fused {
             None
+        } else {
+            let global = self.rotary_global.tables(positions, self.dtype)?;
+            let local = if self.needs_local() {
+                Some(self.rotary_local.tables(positions, self.dtype)?)
+            } else {
+                None
+            };
+            Some((global, local))
         };
         let mut h = self
             .embed_tokens
@@ -702,7 +796,6 @@ impl Decoder {
             // In the compute dtype, as transformers rounds it.
             h = h.affine(scale, 0.0)?;
         }
-        let fused = self.fused && matches!(mode, Mode::Infer);
         let mut kv = kv.into_iter();
         let Some(first) = self.layers.first() else {
             return self.norm.forward(&h, mode);
@@ -711,17 +804,31 @@ impl Decoder {
         // residual add together with the norm that follows it.
         let mut x = first.attn_norm.forward(&h, mode)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (cs, mask) = match (layer.sliding, &local, masks.local) {
-                (true, Some(cs), Some(m)) => (cs, m),
-                (true, Some(cs), None) => (cs, masks.global),
-                _ => (&global, masks.global),
+            let local = layer.sliding && self.needs_local();
+            let rope = Rope {
+                rotary: if local {
+                    &self.rotary_local
+                } else {
+                    &self.rotary_global
+                },
+                positions,
+                tables: tables
+                    .as_ref()
+                    .map(|(global, local_tables)| match local_tables {
+                        Some(l) if local => l,
+                        _ => global,
+                    }),
+            };
+            let mask = match (layer.sliding, masks.local) {
+                (true, Some(m)) => m,
+                _ => masks.global,
             };
             let Some(slot) = kv.next() else {
                 candle_core::bail!("no key/value slot for layer {i}");
             };
             let a = layer
                 .attn
-                .forward(&x, &self.cfg, cs, mask, slot, mode, fused)?;
+                .forward(&x, &self.cfg, &rope, mask, slot, mode, fused)?;
             let (h_mid, xm) = residual_norm(
                 &a,
                 &h,
