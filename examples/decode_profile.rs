@@ -180,7 +180,7 @@ fn main() -> anyhow::Result<()> {
             let mut c = prefix.repeat(b)?;
             let h = dec.forward_hidden(&user, &user_batch, Some(&mut c), Mode::Infer)?;
             let l = dec.logits_at(&h, &last_col)?;
-            router::router::token_probabilities(&l, 300)?;
+            router::model::token_probabilities(&l, 300)?;
             Ok(())
         })?;
         let last = vec![user_len - 1; b];
@@ -190,7 +190,7 @@ fn main() -> anyhow::Result<()> {
         })?;
         let logits = dec.logits_at(&hidden, &last)?;
         let read_ms = timed(&device, reps, || {
-            router::router::token_probabilities(&logits, 300)?;
+            router::model::token_probabilities(&logits, 300)?;
             logits.argmax(1)?.to_vec1::<u32>()?;
             Ok(())
         })?;

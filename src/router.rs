@@ -261,19 +261,6 @@ impl AdapterMeta {
     }
 }
 
-/// The probability of `token` in each row of `logits` `[N, vocab]`:
-/// `exp(l_token - max) / sum(exp(l - max))`, from whole-row reductions
-/// (a softmax over the vocabulary costs one slow pass per row on CUDA) and
-/// one read back of N values.
-pub fn token_probabilities(logits: &Tensor, token: u32) -> Result<Vec<f32>> {
-    let logits = logits.to_dtype(candle_core::DType::F32)?;
-    let max = logits.max_keepdim(1)?;
-    let sum = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?;
-    let picked = logits.narrow(1, token as usize, 1)?;
-    let p = (picked - max)?.exp()?.div(&sum)?;
-    Ok(p.squeeze(1)?.to_vec1::<f32>()?)
-}
-
 /// Receives each length group (indices into the messages) and its decisions.
 type GroupSink<'a> = dyn FnMut(&[usize], Result<Vec<Decision>>) + 'a;
 
@@ -624,8 +611,8 @@ impl Router {
     /// opening's probability per row.
     fn first_tokens(&self, logits: &Tensor, opening: Opening) -> Result<(Vec<u32>, Vec<f32>)> {
         let call = self.call_prefix_ids[0];
-        let p_call = token_probabilities(logits, call)?;
-        let mut tokens = logits.argmax(1)?.to_vec1::<u32>()?;
+        let (mut tokens, p_call) = self.base.decoder.pick(logits, Some(call))?;
+        let p_call = p_call.unwrap_or_default();
         for (k, tok) in tokens.iter_mut().enumerate() {
             let want_call = match (opening, self.call_threshold()) {
                 (Opening::Call, _) => true,
@@ -817,7 +804,7 @@ impl Router {
                 }
                 tokens.into_iter().map(|t| vec![t]).collect()
             } else {
-                let all = logits.argmax(1)?.to_vec1::<u32>()?;
+                let (all, _) = self.base.decoder.pick(&logits, None)?;
                 spans.iter().map(|r| all[r.clone()].to_vec()).collect()
             };
             first_step = false;

@@ -197,15 +197,19 @@ __device__ void qk_rope_store(const T *q, const T *k, const T *v, const T *q_alp
     dst[i + half] = x2;
 }
 
+// Keys a warp scores per round (their loads in flight together).
+#define KEYS_PER_ROUND 4
+
 // Attention of one query row over the keys of its kv head:
 // softmax(softcap(q·kᵀ · scale) + mask) · v, rounded where candle's eager
 // path rounds (scores in the compute dtype, softmax in f32, probabilities
 // in the compute dtype, f32 sums of the products). `q` and `out` are
 // `[B*T, nh, D]`, keys and values `[B, nkv, S, D]`, the mask `[B, 1, T, S]`
-// additive (-inf hides a column). One block per (b, t, head), 8 warps:
-// each warp scores its share of the keys (a lane reads 8 features of a key
-// at a time) and sums its share of the values; the block adds the warps'
-// partial outputs. Needs D % 8 == 0; shared memory (D + S + 8 * D) floats.
+// additive (-inf hides a column). One block per (b, t, head): each warp
+// scores KEYS_PER_ROUND keys per round (a lane reads 8 features of each at
+// a time) and sums its share of the values; the block adds the warps'
+// partial outputs. Needs D % 8 == 0; shared memory (D + S + warps·D)
+// floats.
 template <typename T>
 __device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *out,
                           const int t_len, const int nh, const int nkv, const int s_len,
@@ -213,6 +217,7 @@ __device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *
     extern __shared__ float smem[];
     __shared__ float scratch[32];
     __shared__ int range[2];
+    const int warps = blockDim.x / WARP;
     float *qs = smem;
     float *p = qs + d;
     float *partial = p + s_len;
@@ -220,7 +225,7 @@ __device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *
     const int h = row % nh, bt = row / nh;
     const int b = bt / t_len, t = bt % t_len;
     const int j = h / (nh / nkv);
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     const T *qrow = q + (size_t)row * d;
     const T *keys = k + ((size_t)b * nkv + j) * s_len * d;
     const T *values = v + ((size_t)b * nkv + j) * s_len * d;
@@ -232,29 +237,47 @@ __device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *
     }
     __syncthreads();
 
-    // Scores, one key per warp at a time.
+    // Scores: KEYS_PER_ROUND keys per warp and round.
+    const T scale_t = from_f<T>(scale);
     int lo = s_len, hi = -1;
-    for (int c = warp; c < s_len; c += warps) {
-        const float mv = to_f(m[c]);
-        float score = -INFINITY;
-        if (mv != -INFINITY) {
-            float acc = 0.0f;
-            for (int f = lane * 8; f < d; f += WARP * 8) {
-                float kv8[8];
-                load8(keys + (size_t)c * d + f, kv8);
+    for (int c0 = warp * KEYS_PER_ROUND; c0 < s_len; c0 += warps * KEYS_PER_ROUND) {
+        float mv[KEYS_PER_ROUND], acc[KEYS_PER_ROUND];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc += qs[f + e] * kv8[e];
-            }
-            acc = warp_sum(acc);
-            T s = from_f<T>(acc);
-            // candle's affine multiplies by the scale in the element type.
-            if (scale > 0.0f) s = from_f<T>(to_f(s) * to_f(from_f<T>(scale)));
-            if (softcap > 0.0f) s = from_f<T>(softcap * tanhf(to_f(s) * (1.0f / softcap)));
-            score = to_f(from_f<T>(to_f(s) + mv));
-            lo = min(lo, c);
-            hi = max(hi, c);
+        for (int u = 0; u < KEYS_PER_ROUND; ++u) {
+            const int c = c0 + u;
+            mv[u] = c < s_len ? to_f(m[c]) : -INFINITY;
+            acc[u] = 0.0f;
         }
-        if (lane == 0) p[c] = score;
+        for (int f = lane * 8; f < d; f += WARP * 8) {
+            float kv8[KEYS_PER_ROUND][8];
+#pragma unroll
+            for (int u = 0; u < KEYS_PER_ROUND; ++u) {
+                if (mv[u] != -INFINITY) load8(keys + (size_t)(c0 + u) * d + f, kv8[u]);
+            }
+#pragma unroll
+            for (int u = 0; u < KEYS_PER_ROUND; ++u) {
+                if (mv[u] != -INFINITY) {
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[u] += qs[f + e] * kv8[u][e];
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < KEYS_PER_ROUND; ++u) {
+            const int c = c0 + u;
+            if (c >= s_len) break;
+            float score = -INFINITY;
+            if (mv[u] != -INFINITY) {
+                T s = from_f<T>(warp_sum(acc[u]));
+                // candle's affine multiplies by the scale in the element type.
+                if (scale > 0.0f) s = from_f<T>(to_f(s) * to_f(scale_t));
+                if (softcap > 0.0f) s = from_f<T>(softcap * tanhf(to_f(s) * (1.0f / softcap)));
+                score = to_f(from_f<T>(to_f(s) + mv[u]));
+                lo = min(lo, c);
+                hi = max(hi, c);
+            }
+            if (lane == 0) p[c] = score;
+        }
     }
     if (lane == 0) {
         atomicMin(&range[0], lo);
@@ -279,18 +302,28 @@ __device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *
     }
     __syncthreads();
 
-    // Weighted values: each warp its keys, a lane 8 features at a time.
+    // Weighted values: each warp its keys, a lane 8 features at a time,
+    // KEYS_PER_ROUND keys' loads in flight together.
     for (int f0 = 0; f0 < d; f0 += WARP * 8) {
         const int f = f0 + lane * 8;
         float acc[8] = {0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f, 0.0f};
         if (f < d) {
-            for (int c = first + warp; c <= last; c += warps) {
-                const float pc = p[c];
-                if (pc == 0.0f) continue;
-                float v8[8];
-                load8(values + (size_t)c * d + f, v8);
+            for (int c0 = first + warp * KEYS_PER_ROUND; c0 <= last; c0 += warps * KEYS_PER_ROUND) {
+                float v8[KEYS_PER_ROUND][8];
+                float pc[KEYS_PER_ROUND];
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc[e] += pc * v8[e];
+                for (int u = 0; u < KEYS_PER_ROUND; ++u) {
+                    const int c = c0 + u;
+                    pc[u] = c <= last ? p[c] : 0.0f;
+                    if (pc[u] != 0.0f) load8(values + (size_t)c * d + f, v8[u]);
+                }
+#pragma unroll
+                for (int u = 0; u < KEYS_PER_ROUND; ++u) {
+                    if (pc[u] != 0.0f) {
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) acc[e] += pc[u] * v8[u][e];
+                    }
+                }
             }
 #pragma unroll
             for (int e = 0; e < 8; ++e) partial[warp * d + f + e] = acc[e];
@@ -302,6 +335,111 @@ __device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *
         float acc = 0.0f;
         for (int w = 0; w < warps; ++w) acc += partial[w * d + i];
         o[i] = from_f<T>(acc);
+    }
+}
+
+// Row statistics of f32 logits `[rows, n]`, in two stages over many blocks
+// (a single block per row reads 262k columns slowly). Stage one: block
+// (chunk, row) reduces its columns to (max, first index of the max,
+// Σ exp(x - max)).
+extern "C" __global__ void row_stats_partial(const float *x, const int n, const int chunk, float *p_max,
+                                  int *p_arg, float *p_sum) {
+    __shared__ float s_max[32];
+    __shared__ int s_arg[32];
+    __shared__ float scratch[32];
+    const int row = blockIdx.y, part = blockIdx.x, parts = gridDim.x;
+    const int begin = part * chunk, end = min(n, begin + chunk);
+    const float *r = x + (size_t)row * n;
+    float best = -INFINITY;
+    int arg = begin;
+    for (int i = begin + threadIdx.x; i < end; i += blockDim.x) {
+        const float v = r[i];
+        if (v > best) {
+            best = v;
+            arg = i;
+        }
+    }
+    // Arg-max over the block: larger value wins, then the smaller index.
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffff, best, o);
+        const int oa = __shfl_xor_sync(0xffffffff, arg, o);
+        if (ov > best || (ov == best && oa < arg)) {
+            best = ov;
+            arg = oa;
+        }
+    }
+    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
+    if (lane == 0) {
+        s_max[warp] = best;
+        s_arg[warp] = arg;
+    }
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < warps ? s_max[lane] : -INFINITY;
+        arg = lane < warps ? s_arg[lane] : begin;
+        for (int o = WARP / 2; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffff, best, o);
+            const int oa = __shfl_xor_sync(0xffffffff, arg, o);
+            if (ov > best || (ov == best && oa < arg)) {
+                best = ov;
+                arg = oa;
+            }
+        }
+        if (lane == 0) {
+            s_max[0] = best;
+            s_arg[0] = arg;
+        }
+    }
+    __syncthreads();
+    const float mx = s_max[0];
+    float sum = 0.0f;
+    if (mx != -INFINITY) {
+        for (int i = begin + threadIdx.x; i < end; i += blockDim.x) sum += expf(r[i] - mx);
+    }
+    sum = block_sum(sum, scratch);
+    if (threadIdx.x == 0) {
+        p_max[row * parts + part] = mx;
+        p_arg[row * parts + part] = s_arg[0];
+        p_sum[row * parts + part] = sum;
+    }
+}
+
+// Stage two, one warp per row: the row's arg-max and the probability of
+// column `token` (softmax over the whole row), merged from the parts.
+extern "C" __global__ void row_stats_final(const float *x, const int n, const int parts, const float *p_max,
+                                const int *p_arg, const float *p_sum, const int token,
+                                uint32_t *argmax, float *prob) {
+    const int row = blockIdx.x, lane = threadIdx.x;
+    float best = -INFINITY;
+    int arg = 0;
+    for (int i = lane; i < parts; i += WARP) {
+        const float v = p_max[row * parts + i];
+        const int a = p_arg[row * parts + i];
+        if (v > best || (v == best && a < arg)) {
+            best = v;
+            arg = a;
+        }
+    }
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffff, best, o);
+        const int oa = __shfl_xor_sync(0xffffffff, arg, o);
+        if (ov > best || (ov == best && oa < arg)) {
+            best = ov;
+            arg = oa;
+        }
+    }
+    float sum = 0.0f;
+    for (int i = lane; i < parts; i += WARP) {
+        const float m = p_max[row * parts + i];
+        if (m != -INFINITY) sum += p_sum[row * parts + i] * expf(m - best);
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+        argmax[row] = (uint32_t)arg;
+        if (prob != nullptr) {
+            const float v = x[(size_t)row * n + token];
+            prob[row] = sum > 0.0f ? expf(v - best) / sum : 0.0f;
+        }
     }
 }
 

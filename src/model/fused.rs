@@ -118,6 +118,17 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core:
     imp::gated(gate, up, act)
 }
 
+/// Per row of f32 `logits` `[rows, vocab]`: the arg-max (`[rows]` u32,
+/// the first index of the maximum) and, with a `token`, that token's
+/// probability under a softmax of the row (`[rows]` f32), from two kernels
+/// that spread each row over many blocks.
+pub(crate) fn pick(
+    logits: &Tensor,
+    token: Option<u32>,
+) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+    imp::pick(logits, token)
+}
+
 /// Rows (`B·T`) up to which [`matmul_t`] and [`gated_matmul_t`] take a
 /// step's projections: a matrix-vector kernel (one warp per output
 /// feature) that reads each weight once for all rows. Wider steps go to
@@ -192,6 +203,13 @@ mod imp {
         unavailable()
     }
 
+    pub(super) fn pick(
+        _: &Tensor,
+        _: Option<u32>,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        unavailable()
+    }
+
     pub(super) fn gated_matmul_t(
         _: &Tensor,
         _: &Tensor,
@@ -215,8 +233,10 @@ mod imp {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
     const MODULE: &str = "llm_router_fused";
-    /// Warps of an attention block.
-    const ATTENTION_THREADS: u32 = 256;
+    /// Threads of an attention block (16 warps).
+    const ATTENTION_THREADS: u32 = 512;
+    /// Columns of a row that one block of `row_stats_partial` reduces.
+    const PICK_CHUNK: usize = 4096;
     /// Shared memory a block may use without opting in.
     const SHARED_LIMIT: usize = 48 * 1024 - 256;
 
@@ -266,6 +286,7 @@ mod imp {
                 }
                 DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(n)?, dev.clone()),
                 DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(n)?, dev.clone()),
+                DType::U32 => CudaStorage::wrap_cuda_slice(dev.alloc::<u32>(n)?, dev.clone()),
                 other => candle_core::bail!("the fused kernels do not run in {other:?}"),
             }
         };
@@ -676,5 +697,68 @@ mod imp {
         // rows x N, all live, contiguous and 16-byte aligned.
         unsafe { launch(&dev, "skinny_gated", dtype, warp_grid(n), &args) }?;
         Ok(Some(out))
+    }
+
+    pub(super) fn pick(
+        logits: &Tensor,
+        token: Option<u32>,
+    ) -> candle_core::Result<(Tensor, Option<Tensor>)> {
+        let dev = cuda(logits)?;
+        let (rows, n) = logits.dims2()?;
+        if logits.dtype() != DType::F32 || n == 0 || n > i32::MAX as usize {
+            candle_core::bail!(
+                "picking takes f32 logits [rows, vocab], got {:?} {:?}",
+                logits.dtype(),
+                logits.dims()
+            );
+        }
+        if let Some(t) = token.filter(|&t| t as usize >= n) {
+            candle_core::bail!("token {t} is beyond the {n} logits of a row");
+        }
+        let logits = logits.contiguous()?;
+        let parts = n.div_ceil(PICK_CHUNK);
+        let (p_max, p_sum) = (
+            uninit(&dev, DType::F32, rows * parts)?,
+            uninit(&dev, DType::F32, rows * parts)?,
+        );
+        // The partial arg-maxes are i32, held in a u32 buffer.
+        let p_arg = uninit(&dev, DType::U32, rows * parts)?;
+        let argmax = uninit(&dev, DType::U32, rows)?;
+        let prob = token.map(|_| uninit(&dev, DType::F32, rows)).transpose()?;
+        let (x, pm, pa, ps) = (addr(&logits)?, addr(&p_max)?, addr(&p_arg)?, addr(&p_sum)?);
+        let (n32, chunk32, parts32) = (n as i32, PICK_CHUNK as i32, parts as i32);
+        let func = dev.get_or_load_custom_func("row_stats_partial", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&x).arg(&n32).arg(&chunk32).arg(&pm).arg(&pa).arg(&ps);
+        let cfg = LaunchConfig {
+            grid_dim: (parts as u32, rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: the logits are rows x n f32; each partial buffer holds
+        // rows x parts values.
+        unsafe { b.launch(cfg) }.w()?;
+        let (tok, am) = (token.unwrap_or(0) as i32, addr(&argmax)?);
+        let pp = prob.as_ref().map(addr).transpose()?.unwrap_or(0);
+        let func = dev.get_or_load_custom_func("row_stats_final", MODULE, PTX)?;
+        let mut b = func.builder();
+        b.arg(&x)
+            .arg(&n32)
+            .arg(&parts32)
+            .arg(&pm)
+            .arg(&pa)
+            .arg(&ps)
+            .arg(&tok)
+            .arg(&am)
+            .arg(&pp);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as above; the token is within the row, the outputs hold
+        // one value per row.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((argmax, prob))
     }
 }

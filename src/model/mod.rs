@@ -34,7 +34,7 @@ pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use family::{Activation, Family};
 pub use graph::GraphStep;
 pub use linear::{Dropout, Linear, Lora, Mode};
-pub use transformer::Decoder;
+pub use transformer::{token_probabilities, Decoder};
 
 use crate::prompt::PromptFormat;
 use crate::tokenizer::Tokenizer;

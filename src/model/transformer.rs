@@ -859,6 +859,39 @@ impl Decoder {
         }
     }
 
+    /// The greedy choice in each row of f32 `logits` `[N, vocab]`: the
+    /// arg-max token and, with a `token`, its probability under a softmax
+    /// of the row, read back to the host. With the fused kernels on, two
+    /// kernels over many blocks per row; otherwise candle's arg-max and
+    /// [`token_probabilities`].
+    pub fn pick(
+        &self,
+        logits: &Tensor,
+        token: Option<u32>,
+    ) -> candle_core::Result<(Vec<u32>, Option<Vec<f32>>)> {
+        if self.picks_fused(logits) {
+            let (argmax, prob) = fused::pick(logits, token)?;
+            let prob = prob.map(|p| p.to_vec1::<f32>()).transpose()?;
+            return Ok((argmax.to_vec1::<u32>()?, prob));
+        }
+        let prob = token.map(|t| token_probabilities(logits, t)).transpose()?;
+        Ok((logits.argmax(1)?.to_vec1::<u32>()?, prob))
+    }
+
+    /// The arg-max of each row of f32 `logits` `[N, vocab]`, `[N]` u32 on
+    /// the device (for a next step that reads it there), as [`Decoder::pick`]
+    /// computes it.
+    pub fn argmax(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
+        if self.picks_fused(logits) {
+            return Ok(fused::pick(logits, None)?.0);
+        }
+        logits.argmax(1)
+    }
+
+    fn picks_fused(&self, logits: &Tensor) -> bool {
+        self.fused && logits.device().is_cuda() && logits.dtype() == DType::F32
+    }
+
     /// Logits of the last real column of every row after a cached step:
     /// `hidden: [B, T, H]`, `last[b]` the column index within this step.
     pub fn logits_at(&self, hidden: &Tensor, last: &[usize]) -> candle_core::Result<Tensor> {
@@ -984,6 +1017,19 @@ impl Decoder {
         self.linears()
             .filter_map(|l| l.lora().map(|lora| (l.name(), lora)))
     }
+}
+
+/// The probability of `token` in each row of `logits` `[N, vocab]`:
+/// `exp(l_token - max) / sum(exp(l - max))`, from whole-row reductions
+/// (a softmax over the vocabulary costs one slow pass per row on CUDA) and
+/// one read back of N values.
+pub fn token_probabilities(logits: &Tensor, token: u32) -> candle_core::Result<Vec<f32>> {
+    let logits = logits.to_dtype(DType::F32)?;
+    let max = logits.max_keepdim(1)?;
+    let sum = logits.broadcast_sub(&max)?.exp()?.sum_keepdim(1)?;
+    let picked = logits.narrow(1, token as usize, 1)?;
+    let p = (picked - max)?.exp()?.div(&sum)?;
+    p.squeeze(1)?.to_vec1::<f32>()
 }
 
 /// A block's output `x` added to the `residual` stream, after the block's

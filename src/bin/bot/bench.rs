@@ -304,7 +304,7 @@ fn decode_once(base: &BaseModel, ids: &[u32], steps: usize) -> Result<DecodeRun>
     let n = ids.len();
     let t = Instant::now();
     let (logits, mut cache) = prefill(dec, ids)?;
-    let mut next = logits.argmax_keepdim(1)?;
+    let mut next = dec.argmax(&logits)?.unsqueeze(1)?;
     // Reading a value back waits for the device.
     next.flatten_all()?.to_vec1::<u32>()?;
     let prefill_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -313,7 +313,7 @@ fn decode_once(base: &BaseModel, ids: &[u32], steps: usize) -> Result<DecodeRun>
     for s in 0..steps {
         let batch = dense_batch(1, (n + s) as u32, 1);
         let hidden = dec.forward_hidden(&next, &batch, Some(&mut cache), Mode::Infer)?;
-        next = dec.logits_at(&hidden, &[0])?.argmax_keepdim(1)?;
+        next = dec.argmax(&dec.logits_at(&hidden, &[0])?)?.unsqueeze(1)?;
     }
     next.flatten_all()?.to_vec1::<u32>()?;
     let decode_ms = t.elapsed().as_secs_f64() * 1e3;
@@ -344,7 +344,7 @@ fn replayed_decode(
     let dec = &base.decoder;
     let n = ids.len();
     let (logits, cache) = prefill(dec, ids)?;
-    let mut next = logits.argmax(1)?.to_vec1::<u32>()?;
+    let mut next = dec.pick(&logits, None)?.0;
     fixed.reset();
     fixed.load(&cache)?;
     let t = Instant::now();
@@ -352,7 +352,7 @@ fn replayed_decode(
         let batch = dense_batch(1, (n + s) as u32, 1);
         let logits = step.run(dec, fixed, &next, &batch, &[0])?;
         fixed.advance(&batch)?;
-        next = logits.argmax(1)?.to_vec1::<u32>()?;
+        next = dec.pick(&logits, None)?.0;
     }
     Ok(t.elapsed().as_secs_f64() * 1e3)
 }
