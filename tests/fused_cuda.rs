@@ -393,3 +393,39 @@ fn fused_pick_equals_candle_argmax_and_probability() {
         assert_eq!(on_device, plain.pick(&logits, None).unwrap().0);
     }
 }
+
+#[test]
+fn fused_single_row_steps_equal_candle_steps() {
+    // One row: steps of 1 and 2 columns take the skinny kernels' smallest
+    // row bounds (the batches above take 4, 8 and 16).
+    let Some(dev) = gpu() else { return };
+    for (name, cfg) in configs() {
+        for dtype in DTYPES {
+            let (plain, fused) = pair(&cfg, &dev, dtype);
+            let run = |dec: &Decoder| -> Vec<Tensor> {
+                let mut cache = prefix(dec);
+                let mut start = PREFIX as u32;
+                [1usize, 1, 2, 1]
+                    .iter()
+                    .map(|&width| {
+                        let ids: Vec<u32> =
+                            (0..width as u32).map(|i| (start * 7 + i) % 97).collect();
+                        let t = Tensor::from_vec(ids, (1, width), &dec.device).unwrap();
+                        let batch = dense_batch(1, start, width);
+                        start += width as u32;
+                        dec.forward_hidden(&t, &batch, Some(&mut cache), Mode::Infer)
+                            .unwrap()
+                    })
+                    .collect()
+            };
+            for (i, (g, w)) in run(&fused).iter().zip(&run(&plain)).enumerate() {
+                check(
+                    &format!("{name} {dtype:?} single row step {i}"),
+                    g,
+                    w,
+                    dtype,
+                );
+            }
+        }
+    }
+}

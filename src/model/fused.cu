@@ -473,17 +473,20 @@ __device__ void gated(const T *gate, const T *up, T *out, const size_t n, const 
 #define SKINNY_MAX_ROWS 16
 
 // Dot products of one weight row `w` (k elements) with every row of `x`
-// (m_rows x k), accumulated per lane into `acc`; a lane reads 8 weights and
-// 8 inputs of each row at a time.
-template <typename T>
-__device__ __forceinline__ void row_dots(const T *x, const int m_rows, const int k, const T *w,
-                                         float *acc) {
+// (m_rows <= M x k), accumulated per lane into `acc`; a lane reads 8
+// weights and 8 inputs of each row at a time, several chunks' loads in
+// flight together (a long row is otherwise a chain of dependent loads).
+// M is a compile-time bound so that one row keeps few registers.
+template <typename T, int M>
+__device__ __forceinline__ void row_dots(const T *__restrict__ x, const int m_rows, const int k,
+                                         const T *__restrict__ w, float *acc) {
     const int lane = threadIdx.x % WARP;
+#pragma unroll 4
     for (int f = lane * 8; f < k; f += WARP * 8) {
         float wv[8];
         load8(w + f, wv);
 #pragma unroll
-        for (int m = 0; m < SKINNY_MAX_ROWS; ++m) {
+        for (int m = 0; m < M; ++m) {
             if (m < m_rows) {
                 float xv[8];
                 load8(x + (size_t)m * k + f, xv);
@@ -496,9 +499,9 @@ __device__ __forceinline__ void row_dots(const T *x, const int m_rows, const int
 
 // y_i = x · W_iᵀ for up to three weights `W_i: [n_i, k]` at once (the
 // projections that read the same input), `x: [m_rows, k]` with
-// m_rows <= 16: one warp per output feature, f32 sums rounded once, as a
+// m_rows <= M: one warp per output feature, f32 sums rounded once, as a
 // bf16 GEMM with f32 accumulation rounds. Unused weights have n_i = 0.
-template <typename T>
+template <typename T, int M>
 __device__ void skinny_matmul(const T *x, const int m_rows, const int k, const T *w0, T *y0,
                               const int n0, const T *w1, T *y1, const int n1, const T *w2, T *y2,
                               const int n2) {
@@ -515,12 +518,12 @@ __device__ void skinny_matmul(const T *x, const int m_rows, const int k, const T
     } else {
         return;
     }
-    float acc[SKINNY_MAX_ROWS];
+    float acc[M];
 #pragma unroll
-    for (int m = 0; m < SKINNY_MAX_ROWS; ++m) acc[m] = 0.0f;
-    row_dots(x, m_rows, k, w + (size_t)n * k, acc);
+    for (int m = 0; m < M; ++m) acc[m] = 0.0f;
+    row_dots<T, M>(x, m_rows, k, w + (size_t)n * k, acc);
 #pragma unroll
-    for (int m = 0; m < SKINNY_MAX_ROWS; ++m) {
+    for (int m = 0; m < M; ++m) {
         if (m < m_rows) {
             const float s = warp_sum(acc[m]);
             if (threadIdx.x % WARP == 0) y[(size_t)m * width + n] = from_f<T>(s);
@@ -528,24 +531,24 @@ __device__ void skinny_matmul(const T *x, const int m_rows, const int k, const T
     }
 }
 
-// act(x · W_gateᵀ) * (x · W_upᵀ), `W_gate`, `W_up`: [n, k], for m_rows <= 16:
+// act(x · W_gateᵀ) * (x · W_upᵀ), `W_gate`, `W_up`: [n, k], for m_rows <= M:
 // the MLP's two input projections and its activation in one kernel, one
 // warp per output feature, each projection rounded as a GEMM rounds it.
-template <typename T>
+template <typename T, int M>
 __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T *w_gate,
                              const T *w_up, T *out, const int n, const int act) {
     const int row = (blockIdx.x * blockDim.x + threadIdx.x) / WARP;
     if (row >= n) return;
-    float g[SKINNY_MAX_ROWS], u[SKINNY_MAX_ROWS];
+    float g[M], u[M];
 #pragma unroll
-    for (int m = 0; m < SKINNY_MAX_ROWS; ++m) {
+    for (int m = 0; m < M; ++m) {
         g[m] = 0.0f;
         u[m] = 0.0f;
     }
-    row_dots(x, m_rows, k, w_gate + (size_t)row * k, g);
-    row_dots(x, m_rows, k, w_up + (size_t)row * k, u);
+    row_dots<T, M>(x, m_rows, k, w_gate + (size_t)row * k, g);
+    row_dots<T, M>(x, m_rows, k, w_up + (size_t)row * k, u);
 #pragma unroll
-    for (int m = 0; m < SKINNY_MAX_ROWS; ++m) {
+    for (int m = 0; m < M; ++m) {
         if (m < m_rows) {
             const float gs = warp_sum(g[m]);
             const float us = warp_sum(u[m]);
@@ -555,6 +558,19 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
         }
     }
 }
+
+// The skinny kernels for at most M rows: `skinny_matmul_m<M>_<suffix>`.
+#define SKINNY(T, SUFFIX, M)                                                                     \
+    extern "C" __global__ void skinny_matmul_m##M##_##SUFFIX(                                    \
+        const T *x, const int m_rows, const int k, const T *w0, T *y0, const int n0, const T *w1, \
+        T *y1, const int n1, const T *w2, T *y2, const int n2) {                                 \
+        skinny_matmul<T, M>(x, m_rows, k, w0, y0, n0, w1, y1, n1, w2, y2, n2);                   \
+    }                                                                                            \
+    extern "C" __global__ void skinny_gated_m##M##_##SUFFIX(                                     \
+        const T *x, const int m_rows, const int k, const T *w_gate, const T *w_up, T *out,       \
+        const int n, const int act) {                                                            \
+        skinny_gated<T, M>(x, m_rows, k, w_gate, w_up, out, n, act);                             \
+    }
 
 #define INSTANTIATE(T, SUFFIX)                                                                   \
     extern "C" __global__ void add_rms_norm_##SUFFIX(                                            \
@@ -579,16 +595,11 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
                                               const size_t n, const int act) {                   \
         gated<T>(gate, up, out, n, act);                                                         \
     }                                                                                            \
-    extern "C" __global__ void skinny_matmul_##SUFFIX(                                           \
-        const T *x, const int m_rows, const int k, const T *w0, T *y0, const int n0, const T *w1, \
-        T *y1, const int n1, const T *w2, T *y2, const int n2) {                                 \
-        skinny_matmul<T>(x, m_rows, k, w0, y0, n0, w1, y1, n1, w2, y2, n2);                      \
-    }                                                                                            \
-    extern "C" __global__ void skinny_gated_##SUFFIX(const T *x, const int m_rows, const int k,  \
-                                                     const T *w_gate, const T *w_up, T *out,     \
-                                                     const int n, const int act) {               \
-        skinny_gated<T>(x, m_rows, k, w_gate, w_up, out, n, act);                                \
-    }
+    SKINNY(T, SUFFIX, 1)                                                                         \
+    SKINNY(T, SUFFIX, 2)                                                                         \
+    SKINNY(T, SUFFIX, 4)                                                                         \
+    SKINNY(T, SUFFIX, 8)                                                                         \
+    SKINNY(T, SUFFIX, 16)
 
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)

@@ -603,6 +603,13 @@ mod imp {
         Ok((ptr % 16 == 0).then_some(ptr))
     }
 
+    /// The compiled row bound (1, 2, 4, 8 or 16) for a step of `rows` rows:
+    /// each variant keeps registers for its bound only, so a single row
+    /// runs at full occupancy.
+    fn skinny_bound(rows: usize) -> usize {
+        rows.next_power_of_two().min(SKINNY_MAX_ROWS)
+    }
+
     /// Blocks of 8 warps for `warps` output features.
     fn warp_grid(warps: usize) -> LaunchConfig {
         LaunchConfig {
@@ -659,9 +666,10 @@ mod imp {
             &slots[2].1,
             &slots[2].2,
         ];
+        let name = format!("skinny_matmul_m{}", skinny_bound(rows));
         // SAFETY: `x` holds rows x K elements, each weight N_i x K and each
         // output rows x N_i, all live, contiguous and 16-byte aligned.
-        unsafe { launch(&dev, "skinny_matmul", dtype, warp_grid(total), &args) }?;
+        unsafe { launch(&dev, &name, dtype, warp_grid(total), &args) }?;
         Ok(Some(outs))
     }
 
@@ -693,9 +701,10 @@ mod imp {
         let (rows32, k32, n32) = (rows as i32, k as i32, n as i32);
         let act = act_code(act);
         let args: [&dyn Arg; 8] = [&xp, &rows32, &k32, &gp, &up, &op, &n32, &act];
+        let name = format!("skinny_gated_m{}", skinny_bound(rows));
         // SAFETY: `x` holds rows x K elements, both weights N x K, the output
         // rows x N, all live, contiguous and 16-byte aligned.
-        unsafe { launch(&dev, "skinny_gated", dtype, warp_grid(n), &args) }?;
+        unsafe { launch(&dev, &name, dtype, warp_grid(n), &args) }?;
         Ok(Some(out))
     }
 
