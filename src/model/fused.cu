@@ -470,7 +470,7 @@ __device__ void gated(const T *gate, const T *up, T *out, const size_t n, const 
 }
 
 // Rows a skinny matmul takes at most.
-#define SKINNY_MAX_ROWS 16
+#define SKINNY_MAX_ROWS 8
 
 // Dot products of one weight row `w` (k elements) with every row of `x`
 // (m_rows <= M x k), accumulated per lane into `acc`; a lane reads 8
@@ -598,8 +598,7 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
     SKINNY(T, SUFFIX, 1)                                                                         \
     SKINNY(T, SUFFIX, 2)                                                                         \
     SKINNY(T, SUFFIX, 4)                                                                         \
-    SKINNY(T, SUFFIX, 8)                                                                         \
-    SKINNY(T, SUFFIX, 16)
+    SKINNY(T, SUFFIX, 8)
 
 INSTANTIATE(__nv_bfloat16, bf16)
 INSTANTIATE(__half, f16)

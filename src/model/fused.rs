@@ -132,9 +132,11 @@ pub(crate) fn pick(
 /// Rows (`B·T`) up to which [`matmul_t`] and [`gated_matmul_t`] take a
 /// step's projections: a matrix-vector kernel (one warp per output
 /// feature) that reads each weight once for all rows. Wider steps go to
-/// candle's matmuls (cuBLAS, tensor cores).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) const SKINNY_MAX_ROWS: usize = 16;
+/// candle's matmuls (cuBLAS, tensor cores), which won at 16 rows on an
+/// H200: a 16-column first step of one message took 6.3 ms with the
+/// skinny kernels on the Gemma-3-1B shape against about 3 ms for 32
+/// columns through cuBLAS (docs/BENCHMARKS.md).
+pub(crate) const SKINNY_MAX_ROWS: usize = 8;
 
 /// `x · W_iᵀ` for each of up to three weights `W_i: [N_i, K]` in one
 /// kernel, for `x: [.., K]` of at most [`SKINNY_MAX_ROWS`] rows; returns
@@ -603,7 +605,7 @@ mod imp {
         Ok((ptr % 16 == 0).then_some(ptr))
     }
 
-    /// The compiled row bound (1, 2, 4, 8 or 16) for a step of `rows` rows:
+    /// The compiled row bound (1, 2, 4 or 8) for a step of `rows` rows:
     /// each variant keeps registers for its bound only, so a single row
     /// runs at full occupancy.
     fn skinny_bound(rows: usize) -> usize {
