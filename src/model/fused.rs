@@ -136,6 +136,7 @@ pub(crate) fn pick(
 /// H200: a 16-column first step of one message took 6.3 ms with the
 /// skinny kernels on the Gemma-3-1B shape against about 3 ms for 32
 /// columns through cuBLAS (docs/BENCHMARKS.md).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) const SKINNY_MAX_ROWS: usize = 8;
 
 /// `x · W_iᵀ` for each of up to three weights `W_i: [N_i, K]` in one
