@@ -254,35 +254,8 @@ fn fused_forward_equals_candle_forward_without_a_cache() {
 
 /// The same random adapter (B non-zero) on every projection of `dec`.
 fn adapt(dec: &mut Decoder) {
-    let targets = [
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ];
-    lora::init(dec, &LoraConfig::new(4, 8.0, 0.0, &targets), 3).unwrap();
-    let mut rng = SplitMix64(5);
-    for l in dec.linears() {
-        if let Some(pair) = l.lora() {
-            let b = pair.b().as_tensor();
-            let (o, r) = b.dims2().unwrap();
-            let v: Vec<f32> = (0..o * r)
-                .map(|_| (rng.next_f64() as f32 - 0.5) * 0.2)
-                .collect();
-            let v = Tensor::from_vec(v, (o, r), &Device::Cpu).unwrap();
-            pair.b()
-                .set(
-                    &v.to_dtype(b.dtype())
-                        .unwrap()
-                        .to_device(b.device())
-                        .unwrap(),
-                )
-                .unwrap();
-        }
-    }
+    lora::init(dec, &LoraConfig::new(4, 8.0, 0.0, &common::PROJECTIONS), 3).unwrap();
+    common::randomize_lora_b(dec, 5, 0.2);
 }
 
 #[test]

@@ -10,7 +10,6 @@ use candle_core::{Device, Tensor};
 use common::{max_abs, max_diff, random_decoder, tiny_config};
 use router::lora::{self, Adapter, LoraConfig};
 use router::model::{dense_batch, Architecture, Batch, Cache, Decoder, Dropout, Mode};
-use router::rng::SplitMix64;
 
 const ARCHS: [Architecture; 2] = [Architecture::Gemma3, Architecture::Llama];
 
@@ -47,18 +46,7 @@ fn full_logits(dec: &Decoder, seq: &[u32], mode: Mode) -> Tensor {
 fn adapted(arch: Architecture, cfg: &LoraConfig) -> Decoder {
     let mut dec = tiny(arch);
     lora::init(&mut dec, cfg, 3).unwrap();
-    let mut rng = SplitMix64(11);
-    for l in dec.linears() {
-        if let Some(lr) = l.lora() {
-            let (o, r) = lr.b().as_tensor().dims2().unwrap();
-            let v: Vec<f32> = (0..o * r)
-                .map(|_| (rng.next_f64() as f32 - 0.5) * 0.5)
-                .collect();
-            lr.b()
-                .set(&Tensor::from_vec(v, (o, r), &Device::Cpu).unwrap())
-                .unwrap();
-        }
-    }
+    common::randomize_lora_b(&dec, 11, 0.5);
     dec
 }
 
@@ -232,20 +220,7 @@ fn gradients_reach_only_lora_weights() {
 /// attention) as the whole model chains them.
 #[test]
 fn gradients_match_finite_differences() {
-    let all = LoraConfig::new(
-        4,
-        8.0,
-        0.0,
-        &[
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ],
-    );
+    let all = LoraConfig::new(4, 8.0, 0.0, &common::PROJECTIONS);
     for arch in ARCHS {
         let dec = adapted(arch, &all);
         let seq = ids(7, 2);

@@ -1,24 +1,30 @@
 //! Fused CUDA kernels for inference steps (`fused.cu`, compiled to PTX by
 //! `build.rs` with the `cuda` feature).
 //!
-//! A replayed decode step of Gemma-3-270M was about 550 kernels (some 30
-//! per layer), and a kernel in a graph costs a few microseconds however
-//! little it does, so the step took 2.3 ms against a 0.13 ms weight-read
-//! floor. Each function here replaces a run of candle's kernels:
+//! A replayed decode step of Gemma-3-270M with candle's kernels is about
+//! 550 kernels (some 30 per layer), and a kernel costs a few microseconds
+//! however little it does: 2.3 ms a step against a 0.13 ms weight-read
+//! floor on an H200. Each function here replaces a run of them, 8 per
+//! layer in all (0.86 ms a step; docs/BENCHMARKS.md):
 //! - [`add_rms_norm`]: the output norm, the residual add and the next
 //!   block's input norm (3 kernels, twice per layer);
-//! - [`qk_rope`]: the query and key norms, rotary embedding and the writes
-//!   of keys and values into the cache (about 9);
+//! - [`qk_rope`]: the query and key norms, rotary embedding (angles from the
+//!   positions, no tables) and the writes of keys and values into the cache
+//!   (about 9);
 //! - [`attention`]: scores, mask, softmax, weighted values and the heads'
 //!   transpose back (about 7);
-//! - [`gated`]: the MLP's activation and product (2).
+//! - [`matmul_t`] and [`gated_matmul_t`]: the projections of a step of a
+//!   few rows, q/k/v in one kernel and gate/up with the activation in one;
+//!   [`gated`] is the activation alone for wider steps;
+//! - [`pick`]: the arg-max and one token's probability per row of logits,
+//!   over many blocks per row (candle's arg-max reads a row with one block).
 //!
 //! Each rounds to the compute dtype where candle's kernels do, so a fused
 //! step differs from an eager one only by the order of f32 sums
 //! (`tests/fused_cuda.rs` compares them on the GPU). Inference only: none
-//! records a gradient. The decoder calls them only after
-//! [`available`] said yes (`Decoder::set_fused_kernels`); in a build
-//! without CUDA every function returns an error.
+//! records a gradient. The decoder calls them only after [`available`] said
+//! yes (`Decoder::set_fused_kernels`); in a build without CUDA every
+//! function returns an error.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -301,11 +307,11 @@ mod imp {
         ))
     }
 
-    /// Launches the kernel `name` for `dtype` with `args` pushed in order.
+    /// Launches the kernel `name` for `dtype` (`<name>_bf16` ...) with
+    /// `args` pushed in order.
     ///
     /// # Safety
-    /// `args` must be what the kernel takes, every pointer addressing a
-    /// live buffer of the extent the kernel reads or writes under `cfg`.
+    /// As [`launch_named`].
     unsafe fn launch(
         dev: &CudaDevice,
         name: &str,
@@ -319,7 +325,22 @@ mod imp {
             DType::F32 => "f32",
             other => candle_core::bail!("the fused kernels do not run in {other:?}"),
         };
-        let func = dev.get_or_load_custom_func(&format!("{name}_{suffix}"), MODULE, PTX)?;
+        // SAFETY: as the caller promises.
+        unsafe { launch_named(dev, &format!("{name}_{suffix}"), cfg, args) }
+    }
+
+    /// Launches the kernel named `name` with `args` pushed in order.
+    ///
+    /// # Safety
+    /// `args` must be what the kernel takes, every pointer addressing a
+    /// live buffer of the extent the kernel reads or writes under `cfg`.
+    unsafe fn launch_named(
+        dev: &CudaDevice,
+        name: &str,
+        cfg: LaunchConfig,
+        args: &[&dyn Arg],
+    ) -> candle_core::Result<()> {
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
         let mut builder = func.builder();
         for arg in args {
             arg.push(&mut builder);
@@ -739,38 +760,26 @@ mod imp {
         let prob = token.map(|_| uninit(&dev, DType::F32, rows)).transpose()?;
         let (x, pm, pa, ps) = (addr(&logits)?, addr(&p_max)?, addr(&p_arg)?, addr(&p_sum)?);
         let (n32, chunk32, parts32) = (n as i32, PICK_CHUNK as i32, parts as i32);
-        let func = dev.get_or_load_custom_func("row_stats_partial", MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(&x).arg(&n32).arg(&chunk32).arg(&pm).arg(&pa).arg(&ps);
         let cfg = LaunchConfig {
             grid_dim: (parts as u32, rows as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
+        let args: [&dyn Arg; 6] = [&x, &n32, &chunk32, &pm, &pa, &ps];
         // SAFETY: the logits are rows x n f32; each partial buffer holds
         // rows x parts values.
-        unsafe { b.launch(cfg) }.w()?;
+        unsafe { launch_named(&dev, "row_stats_partial", cfg, &args) }?;
         let (tok, am) = (token.unwrap_or(0) as i32, addr(&argmax)?);
         let pp = prob.as_ref().map(addr).transpose()?.unwrap_or(0);
-        let func = dev.get_or_load_custom_func("row_stats_final", MODULE, PTX)?;
-        let mut b = func.builder();
-        b.arg(&x)
-            .arg(&n32)
-            .arg(&parts32)
-            .arg(&pm)
-            .arg(&pa)
-            .arg(&ps)
-            .arg(&tok)
-            .arg(&am)
-            .arg(&pp);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (32, 1, 1),
             shared_mem_bytes: 0,
         };
+        let args: [&dyn Arg; 9] = [&x, &n32, &parts32, &pm, &pa, &ps, &tok, &am, &pp];
         // SAFETY: as above; the token is within the row, the outputs hold
-        // one value per row.
-        unsafe { b.launch(cfg) }.w()?;
+        // one value per row (no probability is written without a token).
+        unsafe { launch_named(&dev, "row_stats_final", cfg, &args) }?;
         Ok((argmax, prob))
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Inside, imports run one way: `transformer` (the decoder) uses `linear`
 //! (projections and their LoRA runtime, with `q8` for their Q8_0 copies on
-//! the CPU), `cache` (batches, KV caches, masks) and `config`, which asks
+//! the CPU), `cache` (batches, KV caches, masks), `grad` (training's fused
+//! graph nodes), `fused` (inference's CUDA kernels) and `config`, which asks
 //! `family` through the architecture files (`gemma3`, `llama`); `graph`
 //! (steps replayed from CUDA graphs) uses the decoder and `cache`; `gguf`
 //! reads files for all of them.

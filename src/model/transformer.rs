@@ -16,8 +16,15 @@
 //! place, every per-step input in fixed device buffers: a step that can be
 //! captured as a CUDA graph and replayed).
 //!
+//! On CUDA, inference steps take the project's own kernels (`fused.rs`)
+//! where they fit, each replacing a run of candle's
+//! ([`Decoder::set_fused_kernels`]); the composed path stays for the CPU,
+//! training and comparisons.
+//!
 //! The blocks are private: callers change adapters through the verbs of
 //! [`Decoder`] and [`Linear`], never by editing fields.
+
+use std::borrow::Cow;
 
 use candle_core::{DType, Device, Module, Tensor};
 
@@ -162,10 +169,10 @@ struct Rope<'a> {
 impl Rope<'_> {
     /// The cos/sin tables `[B, T, D/2]` in `dtype`, computed here when the
     /// pass has none.
-    fn tables(&self, dtype: DType) -> candle_core::Result<std::borrow::Cow<'_, (Tensor, Tensor)>> {
+    fn tables(&self, dtype: DType) -> candle_core::Result<Cow<'_, (Tensor, Tensor)>> {
         Ok(match self.tables {
-            Some(t) => std::borrow::Cow::Borrowed(t),
-            None => std::borrow::Cow::Owned(self.rotary.tables(self.positions, dtype)?),
+            Some(t) => Cow::Borrowed(t),
+            None => Cow::Owned(self.rotary.tables(self.positions, dtype)?),
         })
     }
 }

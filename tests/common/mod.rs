@@ -187,3 +187,35 @@ pub fn max_abs(t: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// Every projection a LoRA adapter can target, by module name.
+pub const PROJECTIONS: [&str; 7] = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+];
+
+/// Gives every attached LoRA pair of `dec` a random non-zero `B`, uniform
+/// in `±amplitude / 2` (a fresh adapter's `B` is zero, which would hide
+/// bugs), in the pair's dtype and device.
+pub fn randomize_lora_b(dec: &Decoder, seed: u64, amplitude: f32) {
+    let mut rng = SplitMix64(seed);
+    for l in dec.linears() {
+        if let Some(pair) = l.lora() {
+            let b = pair.b().as_tensor();
+            let (o, r) = b.dims2().unwrap();
+            let v: Vec<f32> = (0..o * r)
+                .map(|_| (rng.next_f64() as f32 - 0.5) * amplitude)
+                .collect();
+            let v = Tensor::from_vec(v, (o, r), &Device::Cpu)
+                .and_then(|t| t.to_dtype(b.dtype()))
+                .and_then(|t| t.to_device(b.device()))
+                .unwrap();
+            pair.b().set(&v).unwrap();
+        }
+    }
+}
