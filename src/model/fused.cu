@@ -27,27 +27,30 @@ __device__ __forceinline__ float tanh_t(float a) { return tanhf(a); }
 __device__ __forceinline__ __nv_bfloat16 tanh_t(__nv_bfloat16 a) { return __float2bfloat16(tanhf(__bfloat162float(a))); }
 __device__ __forceinline__ __half tanh_t(__half a) { return __float2half(tanhf(__half2float(a))); }
 
-// Eight consecutive elements as floats (16-byte aligned for 16-bit types,
-// 32-byte for f32).
-__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *out) {
+__device__ __forceinline__ float2 to_f2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+__device__ __forceinline__ float2 to_f2(__half2 v) { return __half22float2(v); }
+
+// Eight consecutive 16-bit elements, read as pairs of type T2, as floats
+// (16-byte aligned).
+template <typename T2>
+__device__ __forceinline__ void load8_pairs(const void *p, float *out) {
     uint4 raw = *reinterpret_cast<const uint4 *>(p);
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+    const T2 *h = reinterpret_cast<const T2 *>(&raw);
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
-        float2 f = __bfloat1622float2(h[i]);
+        float2 f = to_f2(h[i]);
         out[2 * i] = f.x;
         out[2 * i + 1] = f.y;
     }
 }
+
+// Eight consecutive elements as floats (16-byte aligned for 16-bit types,
+// 32-byte for f32).
+__device__ __forceinline__ void load8(const __nv_bfloat16 *p, float *out) {
+    load8_pairs<__nv_bfloat162>(p, out);
+}
 __device__ __forceinline__ void load8(const __half *p, float *out) {
-    uint4 raw = *reinterpret_cast<const uint4 *>(p);
-    const __half2 *h = reinterpret_cast<const __half2 *>(&raw);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float2 f = __half22float2(h[i]);
-        out[2 * i] = f.x;
-        out[2 * i + 1] = f.y;
-    }
+    load8_pairs<__half2>(p, out);
 }
 __device__ __forceinline__ void load8(const float *p, float *out) {
     float4 a = *reinterpret_cast<const float4 *>(p);
@@ -56,41 +59,41 @@ __device__ __forceinline__ void load8(const float *p, float *out) {
     out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
+// The reductions the kernels use: a combining function and its identity.
+struct Sum {
+    static __device__ __forceinline__ float apply(float a, float b) { return a + b; }
+    static constexpr float identity = 0.0f;
+};
+struct Max {
+    static __device__ __forceinline__ float apply(float a, float b) { return fmaxf(a, b); }
+    static constexpr float identity = -INFINITY;
+};
+
+template <typename Op>
+__device__ __forceinline__ float warp_reduce(float v) {
 #pragma unroll
-    for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffff, v, o);
+    for (int o = WARP / 2; o > 0; o >>= 1) v = Op::apply(v, __shfl_xor_sync(0xffffffff, v, o));
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-    for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffff, v, o));
-    return v;
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce<Sum>(v); }
 
-// Sum over the block (blockDim.x a multiple of 32), returned to every
-// thread. `scratch` holds 32 floats; every thread must call it.
-__device__ float block_sum(float v, float *scratch) {
-    v = warp_sum(v);
+// Reduction over the block (blockDim.x a multiple of 32), returned to
+// every thread. `scratch` holds 32 floats; every thread must call it.
+template <typename Op>
+__device__ float block_reduce(float v, float *scratch) {
+    v = warp_reduce<Op>(v);
     if (blockDim.x <= WARP) return v;
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = lane < blockDim.x / WARP ? scratch[lane] : 0.0f;
-    return warp_sum(v);
+    v = lane < blockDim.x / WARP ? scratch[lane] : Op::identity;
+    return warp_reduce<Op>(v);
 }
 
-__device__ float block_max(float v, float *scratch) {
-    v = warp_max(v);
-    if (blockDim.x <= WARP) return v;
-    const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP;
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = lane < blockDim.x / WARP ? scratch[lane] : -INFINITY;
-    return warp_max(v);
-}
+__device__ float block_sum(float v, float *scratch) { return block_reduce<Sum>(v, scratch); }
+__device__ float block_max(float v, float *scratch) { return block_reduce<Max>(v, scratch); }
 
 // h = residual + norm_post(x) (or residual + x without `a_post`), then
 // y = norm_next(h); one block per row of `n` features. Both outputs are
