@@ -1052,16 +1052,8 @@ mod tests {
         use router::model::Architecture;
         let cfg = common::tiny_config(Architecture::Gemma3);
         let mut dec = common::random_decoder(&cfg, 7, &Device::Cpu);
-        let targets = [
-            "q_proj",
-            "k_proj",
-            "v_proj",
-            "o_proj",
-            "gate_proj",
-            "up_proj",
-            "down_proj",
-        ];
-        lora::init(&mut dec, &LoraConfig::new(4, 8.0, 0.0, &targets), 3).unwrap();
+        let all = LoraConfig::new(4, 8.0, 0.0, &common::PROJECTIONS);
+        lora::init(&mut dec, &all, 3).unwrap();
         let mut rng = SplitMix64(5);
         for var in dec.lora_vars() {
             let shape = var.as_tensor().shape().clone();
