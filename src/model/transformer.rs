@@ -221,15 +221,16 @@ enum Kv<'a> {
     /// both.
     Growing(&'a mut Option<(Tensor, Tensor)>),
     /// A static cache's keys and values `[B, kv_heads, C, D]`, written in
-    /// place at the step's cache `columns` (`[T]` u32; `index` is the same
-    /// broadcast to the step's key shape `[B, kv_heads, T, D]`, contiguous,
-    /// for `scatter_set`); attention covers all `C` columns and the mask
-    /// hides the unwritten ones.
+    /// place at the step's cache `columns` (`[T]` u32); attention covers all
+    /// `C` columns and the mask hides the unwritten ones. `index` is
+    /// [`scatter_index`] of the columns, made once per step for candle's
+    /// `scatter_set` (`None` when the step takes the fused kernels, which
+    /// write at the columns themselves).
     Static {
         k: &'a Tensor,
         v: &'a Tensor,
         columns: &'a Tensor,
-        index: &'a Tensor,
+        index: Option<&'a Tensor>,
     },
 }
 
@@ -352,15 +353,19 @@ impl Attention {
             Kv::Static {
                 k: ck,
                 v: cv,
+                columns,
                 index,
-                ..
             } => {
                 // The columns come from a device buffer, not from an offset
                 // baked into the launch, so a replayed graph writes each
                 // step where that step's inputs say. Scatter needs
                 // contiguous sources.
-                ck.scatter_set(index, &k.contiguous()?, 2)?;
-                cv.scatter_set(index, &v.contiguous()?, 2)?;
+                let index = match index {
+                    Some(index) => Cow::Borrowed(index),
+                    None => Cow::Owned(scatter_index(columns, k.dims())?),
+                };
+                ck.scatter_set(&index, &k.contiguous()?, 2)?;
+                cv.scatter_set(&index, &v.contiguous()?, 2)?;
                 (ck.clone(), cv.clone())
             }
         };
@@ -473,6 +478,16 @@ impl Attention {
             None => self.attend(&q.transpose(1, 2)?, &k, &v, cfg, mask, Mode::Infer),
         }
     }
+}
+
+/// Cache `columns` (`[T]` u32) broadcast to a step's key shape
+/// `[B, kv_heads, T, D]`, contiguous: the index `scatter_set` takes.
+fn scatter_index(columns: &Tensor, key_dims: &[usize]) -> candle_core::Result<Tensor> {
+    let t = columns.dim(0)?;
+    columns
+        .reshape((1, 1, t, 1))?
+        .broadcast_as(key_dims)?
+        .contiguous()
 }
 
 /// Appends a step's keys and values (`[B, nkv, T, D]`) to a growing cache
@@ -726,13 +741,13 @@ impl Decoder {
         }
         let _launch_params = crate::device::cached_launch_params(&self.device);
         let (nkv, hd) = (self.cfg.num_key_value_heads, self.cfg.head_dim);
-        // One index serves every layer: scatter wants it shaped like its
-        // source and contiguous.
-        let index = inputs
-            .columns()
-            .reshape((1, 1, t, 1))?
-            .broadcast_as((b, nkv, t, hd))?
-            .contiguous()?;
+        // One index serves every layer's `scatter_set`; the fused kernels
+        // write at the columns themselves.
+        let index = if self.fused {
+            None
+        } else {
+            Some(scatter_index(inputs.columns(), &[b, nkv, t, hd])?)
+        };
         let masks = Masks {
             global: inputs.mask_global(),
             local: inputs.mask_local(),
@@ -741,7 +756,7 @@ impl Decoder {
             k,
             v,
             columns: inputs.columns(),
-            index: &index,
+            index: index.as_ref(),
         });
         self.stack(inputs.tokens(), inputs.positions(), &masks, kv, Mode::Infer)
     }
