@@ -10,6 +10,9 @@
 //! attention shape (4 heads over 1 kv head of 256, hidden size 640) and a
 //! Llama shape with a query scale and soft-capped scores.
 //!
+//! The attention masks, built on the device from positions, must equal the
+//! CPU's exactly.
+//!
 //! Only in a build with `--features cuda`, and it needs a GPU: without one
 //! each test says so and passes (the CPU CI cannot run CUDA kernels;
 //! `scripts/gpu/fused.sh` runs these on the GPU machine).
@@ -20,7 +23,9 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::{random_decoder_in, tiny_config};
 use router::lora::{self, LoraConfig};
-use router::model::{dense_batch, Architecture, Batch, Cache, Decoder, Mode, ModelConfig};
+use router::model::{
+    dense_batch, Architecture, Batch, Cache, Decoder, Mode, ModelConfig, StaticCache, StepInputs,
+};
 use router::rng::SplitMix64;
 
 fn gpu() -> Option<Device> {
@@ -396,6 +401,130 @@ fn fused_single_row_steps_equal_candle_steps() {
                     &format!("{name} {dtype:?} single row step {i}"),
                     g,
                     w,
+                    dtype,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn masks_built_on_the_gpu_equal_the_cpus() {
+    let Some(dev) = gpu() else { return };
+    // Gemma's window of 4 is shorter than these steps: both masks differ.
+    let cfg = tiny_config(Architecture::Gemma3);
+    let capacity = PREFIX + 16;
+    for dtype in [DType::F32, DType::BF16] {
+        let on = |d: &Device| {
+            let mut cache = StaticCache::new(&cfg, ROWS, capacity, dtype, d).unwrap();
+            cache.advance(&dense_batch(ROWS, 0, PREFIX)).unwrap();
+            cache
+        };
+        let (mut cpu_cache, mut gpu_cache) = (on(&Device::Cpu), on(&dev));
+        for (i, batch) in steps().iter().enumerate() {
+            let t = batch.width();
+            let tokens = tokens_for(batch, i as u32, cfg.vocab_size);
+            let mut cpu = StepInputs::new(&cfg, ROWS, t, capacity, dtype, &Device::Cpu).unwrap();
+            let mut gpu = StepInputs::new(&cfg, ROWS, t, capacity, dtype, &dev).unwrap();
+            cpu.fill(&tokens, batch, &cpu_cache).unwrap();
+            gpu.fill(&tokens, batch, &gpu_cache).unwrap();
+            let host = |m: &Tensor| {
+                m.to_dtype(DType::F32)
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+            };
+            assert_eq!(host(cpu.mask_global()), host(gpu.mask_global()), "step {i}");
+            let (cl, gl) = (cpu.mask_local().unwrap(), gpu.mask_local().unwrap());
+            assert_eq!(host(cl), host(gl), "step {i}, local");
+            cpu_cache.advance(batch).unwrap();
+            gpu_cache.advance(batch).unwrap();
+        }
+    }
+}
+
+/// A batched prefill after a cached prefix of `prefix` tokens, wide enough
+/// that attention leaves the per-row kernel (`B·T·heads·S·D > 2^26`): the
+/// repeated prefix (one kernel), the scores by candle's matmuls and the
+/// probabilities by the fused softmax. Rows are left-padded by 0-4 columns.
+/// Returns the hidden states and every layer's keys and values.
+fn wide_prefill(dec: &Decoder, rows: usize, prefix: usize, width: usize) -> (Tensor, Cache) {
+    let vocab = dec.cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..prefix as u32).map(|i| (i * 31 + 5) % vocab).collect();
+    let t = Tensor::from_vec(ids, (1, prefix), &dec.device).unwrap();
+    let mut cache = Cache::default();
+    let one = dense_batch(1, 0, prefix);
+    dec.forward_hidden(&t, &one, Some(&mut cache), Mode::Infer)
+        .unwrap();
+    let mut cache = cache.repeat(rows).unwrap();
+    let batch = Batch {
+        rows: (0..rows)
+            .map(|r| {
+                (0..width)
+                    .map(|c| (c >= r % 5).then_some((prefix + c - r % 5) as u32))
+                    .collect()
+            })
+            .collect(),
+    };
+    let ids = tokens_for(&batch, 5, dec.cfg.vocab_size);
+    let t = Tensor::from_vec(ids, (rows, width), &dec.device).unwrap();
+    let h = dec
+        .forward_hidden(&t, &batch, Some(&mut cache), Mode::Infer)
+        .unwrap();
+    (h, cache)
+}
+
+#[test]
+fn fused_wide_prefills_equal_candle_prefills() {
+    let Some(dev) = gpu() else { return };
+    // (name, config, rows, prefix, width): one kv head (queries read in
+    // place) and two (query heads stacked per kv head), soft-capped.
+    let cases: Vec<(&str, ModelConfig, usize, usize, usize)> = configs()
+        .into_iter()
+        .filter_map(|(name, cfg)| match name {
+            "gemma3-270m shape" => Some((name, cfg, 16, 240, 48)),
+            "llama, soft-capped" => Some((name, cfg, 32, 512, 64)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(cases.len(), 2);
+    for (name, cfg, rows, prefix, width) in cases {
+        let work = rows * width * cfg.num_attention_heads * (prefix + width) * cfg.head_dim;
+        assert!(
+            work > 1 << 26,
+            "{name}: {work} is within the per-row kernel"
+        );
+        for dtype in DTYPES {
+            let (plain, fused) = pair(&cfg, &dev, dtype);
+            let (want, want_cache) = wide_prefill(&plain, rows, prefix, width);
+            let (got, got_cache) = wide_prefill(&fused, rows, prefix, width);
+            check(
+                &format!("{name} {dtype:?} wide prefill"),
+                &got,
+                &want,
+                dtype,
+            );
+            // The caches' keys and values, the repeated prefix included.
+            let kv = |c: &Cache| {
+                let mut s = StaticCache::new(&cfg, rows, prefix + width, dtype, &dev).unwrap();
+                s.load(c).unwrap();
+                s.kv().to_vec()
+            };
+            for (layer, ((gk, gv), (wk, wv))) in
+                kv(&got_cache).iter().zip(&kv(&want_cache)).enumerate()
+            {
+                check(
+                    &format!("{name} {dtype:?} layer {layer} keys"),
+                    gk,
+                    wk,
+                    dtype,
+                );
+                check(
+                    &format!("{name} {dtype:?} layer {layer} values"),
+                    gv,
+                    wv,
                     dtype,
                 );
             }

@@ -341,6 +341,63 @@ __device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *
     }
 }
 
+// The attention probabilities of a wide step from its scores (candle's
+// batched matmul computed them): softmax(softcap(scores · scale) + mask),
+// rounded where candle's eager path rounds. `scores` and `out` are
+// `[B, M, S]`; row `r` of batch `b` takes the mask row of query column
+// `t = (r / div) % T` from `mask: [B, 1, T, S]` (div = nh for rows laid out
+// as (t, head), 1 for rows laid out as (kv head, group head, t)). One block
+// per row; shared memory S floats.
+template <typename T>
+__device__ void masked_softmax(const T *scores, const T *mask, T *out, const int m_rows,
+                               const int t_len, const int div, const int s_len,
+                               const float scale, const float softcap) {
+    extern __shared__ float p[];
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;  // b * M + r
+    const int b = row / m_rows, r = row % m_rows;
+    const int t = (r / div) % t_len;
+    const T *in = scores + (size_t)row * s_len;
+    const T *m = mask + ((size_t)b * t_len + t) * s_len;
+    const T scale_t = from_f<T>(scale);
+    float mx = -INFINITY;
+    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
+        const float mv = to_f(m[c]);
+        float score = -INFINITY;
+        if (mv != -INFINITY) {
+            T v = in[c];
+            if (scale > 0.0f) v = from_f<T>(to_f(v) * to_f(scale_t));
+            if (softcap > 0.0f) v = from_f<T>(softcap * tanhf(to_f(v) * (1.0f / softcap)));
+            score = to_f(from_f<T>(to_f(v) + mv));
+        }
+        p[c] = score;
+        mx = fmaxf(mx, score);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
+        const float e = p[c] == -INFINITY ? 0.0f : expf(p[c] - mx);
+        p[c] = e;
+        sum += e;
+    }
+    sum = block_sum(sum, scratch);
+    T *o = out + (size_t)row * s_len;
+    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
+        o[c] = from_f<T>(sum > 0.0f ? p[c] / sum : 0.0f);
+    }
+}
+
+// `rows` copies of a `len`-element block (16 bytes per element here: the
+// caller views any dtype as 16-byte words) one after the other: a shared
+// prompt prefix's keys and values repeated for every message of a batch.
+extern "C" __global__ void repeat_rows(const uint4 *src, uint4 *dst, const size_t len,
+                                       const size_t total) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x) {
+        dst[i] = src[i % len];
+    }
+}
+
 // Row statistics of f32 logits `[rows, n]`, in two stages over many blocks
 // (a single block per row reads 262k columns slowly). Stage one: block
 // (chunk, row) reduces its columns to (max, first index of the max,
@@ -593,6 +650,11 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
         const T *q, const T *k, const T *v, const T *mask, T *out, const int t_len, const int nh, \
         const int nkv, const int s_len, const int d, const float scale, const float softcap) {   \
         attention<T>(q, k, v, mask, out, t_len, nh, nkv, s_len, d, scale, softcap);              \
+    }                                                                                            \
+    extern "C" __global__ void masked_softmax_##SUFFIX(                                          \
+        const T *scores, const T *mask, T *out, const int m_rows, const int t_len, const int div, \
+        const int s_len, const float scale, const float softcap) {                               \
+        masked_softmax<T>(scores, mask, out, m_rows, t_len, div, s_len, scale, softcap);         \
     }                                                                                            \
     extern "C" __global__ void gated_##SUFFIX(const T *gate, const T *up, T *out,               \
                                               const size_t n, const int act) {                   \

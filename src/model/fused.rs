@@ -119,6 +119,30 @@ pub(crate) fn attention(
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub(crate) const ATTENTION_MAX_WORK: usize = 1 << 26;
 
+/// The probabilities of a wide step's attention from its scores
+/// `[B, M, S]` (candle's batched matmul made them):
+/// `softmax(softcap(scores · scale) + mask)` in one kernel instead of the
+/// scale, cap, mask add, casts and softmax. Row `r` of batch `b` takes the
+/// mask row of query column `t = (r / div) % T` of `mask: [B, 1, T, S]`.
+/// `None` when a row does not fit in shared memory.
+pub(crate) fn masked_softmax(
+    scores: &Tensor,
+    mask: &Tensor,
+    div: usize,
+    scale: Option<f64>,
+    softcap: Option<f64>,
+) -> candle_core::Result<Option<Tensor>> {
+    imp::masked_softmax(scores, mask, div, scale, softcap)
+}
+
+/// `n` copies of a tensor of one row (`[1, ..]` -> `[n, ..]`) by one
+/// kernel: a shared prompt prefix's keys and values for every message of
+/// a batch. candle's `repeat` concatenates `n` copies, one kernel each.
+/// `None` when the row's bytes are not whole 16-byte words.
+pub(crate) fn repeat_rows(t: &Tensor, n: usize) -> candle_core::Result<Option<Tensor>> {
+    imp::repeat_rows(t, n)
+}
+
 /// `act(gate) · up`, elementwise.
 pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     imp::gated(gate, up, act)
@@ -205,6 +229,20 @@ mod imp {
     }
 
     pub(super) fn gated(_: &Tensor, _: &Tensor, _: Activation) -> candle_core::Result<Tensor> {
+        unavailable()
+    }
+
+    pub(super) fn masked_softmax(
+        _: &Tensor,
+        _: &Tensor,
+        _: usize,
+        _: Option<f64>,
+        _: Option<f64>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        unavailable()
+    }
+
+    pub(super) fn repeat_rows(_: &Tensor, _: usize) -> candle_core::Result<Option<Tensor>> {
         unavailable()
     }
 
@@ -729,6 +767,78 @@ mod imp {
         // SAFETY: `x` holds rows x K elements, both weights N x K, the output
         // rows x N, all live, contiguous and 16-byte aligned.
         unsafe { launch(&dev, &name, dtype, warp_grid(n), &args) }?;
+        Ok(Some(out))
+    }
+
+    pub(super) fn masked_softmax(
+        scores: &Tensor,
+        mask: &Tensor,
+        div: usize,
+        scale: Option<f64>,
+        softcap: Option<f64>,
+    ) -> candle_core::Result<Option<Tensor>> {
+        let dev = cuda(scores)?;
+        let dtype = scores.dtype();
+        let (b, m, s) = scores.dims3()?;
+        let (mb, one, t, ms) = mask.dims4()?;
+        if mb != b || one != 1 || ms != s || div == 0 || t == 0 {
+            candle_core::bail!(
+                "masked softmax: scores {:?} and mask {:?} do not go together",
+                scores.dims(),
+                mask.dims()
+            );
+        }
+        if s * 4 > SHARED_LIMIT {
+            return Ok(None);
+        }
+        same_dtype(dtype, &[mask])?;
+        let (scores, mask) = (scores.contiguous()?, mask.contiguous()?);
+        let out = uninit(&dev, dtype, (b, m, s))?;
+        let ptrs = [addr(&scores)?, addr(&mask)?, addr(&out)?];
+        let dims = [m as i32, t as i32, div as i32, s as i32];
+        let (scale, softcap) = (scale.unwrap_or(0.0) as f32, softcap.unwrap_or(0.0) as f32);
+        let cfg = LaunchConfig {
+            grid_dim: ((b * m) as u32, 1, 1),
+            block_dim: (row_threads(s).min(256), 1, 1),
+            shared_mem_bytes: (s * 4) as u32,
+        };
+        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        args.extend(dims.iter().map(|d| d as &dyn Arg));
+        args.extend([&scale as &dyn Arg, &softcap]);
+        // SAFETY: shapes checked above, buffers live and contiguous, a row
+        // of scores within the shared memory limit.
+        unsafe { launch(&dev, "masked_softmax", dtype, cfg, &args) }?;
+        Ok(Some(out))
+    }
+
+    pub(super) fn repeat_rows(t: &Tensor, n: usize) -> candle_core::Result<Option<Tensor>> {
+        let dev = cuda(t)?;
+        let dims = t.dims();
+        if dims.first() != Some(&1) {
+            candle_core::bail!("only a tensor of one row can be repeated, got {dims:?}");
+        }
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        let t = t.contiguous()?;
+        let src = addr(&t)?;
+        if n == 0 || bytes == 0 || !bytes.is_multiple_of(16) || !src.is_multiple_of(16) {
+            return Ok(None);
+        }
+        let mut shape = dims.to_vec();
+        shape[0] = n;
+        let out = uninit(&dev, t.dtype(), shape)?;
+        let (len, total) = (bytes / 16, n * bytes / 16);
+        let threads = 256u32;
+        let blocks = total.div_ceil(threads as usize).min(65_535) as u32;
+        let cfg = LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let dst = addr(&out)?;
+        let args: [&dyn Arg; 4] = [&src, &dst, &len, &total];
+        // SAFETY: `src` holds `len` 16-byte words (checked multiple and
+        // alignment), `out` was allocated for `n` copies of them.
+        unsafe { launch_named(&dev, "repeat_rows", cfg, &args) }?;
         Ok(Some(out))
     }
 

@@ -28,7 +28,7 @@ use std::borrow::Cow;
 
 use candle_core::{DType, Device, Module, Tensor};
 
-use super::cache::{build_mask, local_window, Batch, Cache, StaticCache, StepInputs};
+use super::cache::{build_masks, local_window, Batch, Cache, StaticCache, StepInputs};
 use super::config::{ModelConfig, RopeScaling};
 use super::family::{Activation, Family};
 use super::fused::{self, KvTarget, QkRope};
@@ -475,7 +475,61 @@ impl Attention {
         let (scale, softcap) = self.score_scaling(cfg);
         match fused::attention(&q, &k, &v, mask, scale, softcap)? {
             Some(out) => Ok(out),
-            None => self.attend(&q.transpose(1, 2)?, &k, &v, cfg, mask, Mode::Infer),
+            None => self.attend_wide(&q, &k, &v, cfg, mask),
+        }
+    }
+
+    /// Attention of a step too wide for the fused attention kernel (the
+    /// prefill of a batch of messages): candle's batched matmuls for the
+    /// scores and the weighted values, one fused kernel for the
+    /// probabilities between them (instead of the scale, cap, mask add,
+    /// casts and softmax). With one kv head (Gemma-3 270M and 1B) the
+    /// queries `[B, T, nh, D]` are read in place as `[B, T·nh, D]` rows and
+    /// the output comes out as `[B, T, nh·D]`: nothing is transposed.
+    /// Otherwise the query heads of a kv head are stacked as [`Self::attend`]
+    /// stacks them.
+    fn attend_wide(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        cfg: &ModelConfig,
+        mask: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let (b, t, nh, d) = q.dims4()?;
+        let (_, nkv, s, _) = k.dims4()?;
+        let (scale, softcap) = self.score_scaling(cfg);
+        let rep = nh / nkv;
+        // Rows of queries per matmul batch, and how a row finds its query
+        // column: t = (row / div) % T.
+        let (qs, ks, vs, div) = if nkv == 1 {
+            let q = q.contiguous()?.reshape((b, t * nh, d))?;
+            (q, k.squeeze(1)?, v.squeeze(1)?, nh)
+        } else {
+            let q = q
+                .transpose(1, 2)?
+                .contiguous()?
+                .reshape((b * nkv, rep * t, d))?;
+            let (k, v) = (k.contiguous()?, v.contiguous()?);
+            (
+                q,
+                k.reshape((b * nkv, s, d))?,
+                v.reshape((b * nkv, s, d))?,
+                1,
+            )
+        };
+        let scores = qs.matmul(&ks.t()?)?.reshape((b, nh * t, s))?;
+        let Some(probs) = fused::masked_softmax(&scores, mask, div, scale, softcap)? else {
+            return self.attend(&q.transpose(1, 2)?, k, v, cfg, mask, Mode::Infer);
+        };
+        let (groups, rows, _) = qs.dims3()?;
+        let out = probs.reshape((groups, rows, s))?.matmul(&vs)?;
+        if nkv == 1 {
+            out.reshape((b, t, nh * d))
+        } else {
+            out.reshape((b, nh, t, d))?
+                .transpose(1, 2)?
+                .reshape((b, t, nh * d))
         }
     }
 }
@@ -659,9 +713,8 @@ impl Decoder {
         let empty = Vec::new();
         let past = cache.as_ref().map(|c| &c.columns).unwrap_or(&empty);
         let keys = past.first().map_or(0, Vec::len) + t;
-        let mask = |window| build_mask(past, batch, keys, window, self.dtype, dev);
-        let mask_global = mask(None)?;
-        let mask_local = local_window(&self.cfg).map(|w| mask(Some(w))).transpose()?;
+        let window = local_window(&self.cfg);
+        let (mask_global, mask_local) = build_masks(past, batch, keys, window, self.dtype, dev)?;
         let masks = Masks {
             global: &mask_global,
             local: mask_local.as_ref(),
