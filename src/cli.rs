@@ -162,15 +162,34 @@ pub enum CpuWeights {
 }
 
 impl ModelArgs {
-    /// The adapter to use: the explicit one, else the default if present.
-    pub fn adapter_path(&self) -> Option<PathBuf> {
+    /// The adapter to use: the explicit one, else the default
+    /// (`model/current`) when there is one. A default that exists but is
+    /// no adapter (a link to a directory that was removed, a directory
+    /// without `adapter_config.json`) is an error, never a silent fall back
+    /// to the bare base model.
+    pub fn adapter_path(&self) -> Result<Option<PathBuf>> {
         if self.no_adapter {
-            return None;
+            return Ok(None);
         }
-        self.adapter.clone().or_else(|| {
-            let p = default_path(DEFAULT_ADAPTER);
-            p.join(crate::lora::CONFIG_FILE).exists().then_some(p)
-        })
+        if let Some(p) = &self.adapter {
+            return Ok(Some(p.clone()));
+        }
+        let p = default_path(DEFAULT_ADAPTER);
+        if std::fs::symlink_metadata(&p).is_err() {
+            return Ok(None);
+        }
+        if !p.join(crate::lora::CONFIG_FILE).exists() {
+            let target = std::fs::read_link(&p).unwrap_or_else(|_| p.clone());
+            return Err(Error::Adapter {
+                path: p,
+                message: format!(
+                    "it points at {}, which holds no {} (restore it, move the link, or pass --no-adapter)",
+                    target.display(),
+                    crate::lora::CONFIG_FILE
+                ),
+            });
+        }
+        Ok(Some(p))
     }
 
     /// The base model to load: the given one, else the embedded default.
@@ -230,7 +249,7 @@ impl ModelArgs {
         config.cuda_graphs = config.cuda_graphs.or(self.cuda_graphs.forced());
         let base = self.load_base()?;
         let mut router = Router::new(base, config)?;
-        if let Some(path) = self.adapter_path() {
+        if let Some(path) = self.adapter_path()? {
             // The resolved directory names the version (`model/current` is
             // a link that moves when a new adapter is promoted).
             let dir = std::fs::canonicalize(&path).map_err(|e| Error::io(&path, e))?;

@@ -138,3 +138,41 @@ fn dotenv_file_is_read() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("tpu-from-dotenv"), "{err}");
 }
+
+#[test]
+fn a_default_adapter_link_to_nothing_is_a_clear_error() {
+    // `model/current` left pointing at a removed adapter: an error naming
+    // the link and its target, not a silent run of the bare base model.
+    let home = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(home.path().join("model")).unwrap();
+    std::fs::create_dir_all(home.path().join("datas")).unwrap();
+    std::os::unix::fs::symlink("adapters/gone", home.path().join("model/current")).unwrap();
+    let base = std::fs::canonicalize("tests/fixtures/tiny_gemma3").unwrap();
+    let out = bot()
+        .env("ROUTER_HOME", home.path())
+        .arg("--base-model")
+        .arg(&base)
+        .args(["route", "hi"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("model/current") && err.contains("adapters/gone"),
+        "{err}"
+    );
+    assert!(err.contains("--no-adapter"), "{err}");
+    // --no-adapter runs the bare model.
+    let ok = bot()
+        .env("ROUTER_HOME", home.path())
+        .arg("--base-model")
+        .arg(&base)
+        .args(["--no-adapter", "route", "hi"])
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+}

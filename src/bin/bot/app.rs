@@ -37,7 +37,7 @@ pub async fn start(model: &ModelArgs, args: &BotArgs) -> anyhow::Result<App> {
             p.display()
         );
     }
-    let adapter_link = model.adapter_path();
+    let adapter_link = model.adapter_path()?;
     let loader = model.clone();
     let router = tokio::task::spawn_blocking(move || loader.load_router(RouterConfig::default()))
         .await
