@@ -284,7 +284,7 @@ fn shipped_adapter_matches_python_peft() {
 fn shipped_router(config: RouterConfig) -> Router {
     let mut base = model::load(MODEL, &Device::Cpu).unwrap();
     let adapter =
-        router::lora::Adapter::load(std::path::Path::new("model/adapters/gemma3-270m-nat4c4"))
+        router::lora::Adapter::load(std::path::Path::new("model/adapters/gemma3-270m-nat6c4s2"))
             .unwrap();
     adapter.apply(&mut base.decoder, true).unwrap();
     Router::new(base, config).unwrap()

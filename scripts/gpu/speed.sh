@@ -34,7 +34,7 @@ BOT=${BOT:-bot}
 TRAIN=${TRAIN:-train}
 PYTHON=${PYTHON:-python3}
 MODEL=${MODEL:-model/gemma-3-270m-q4_k_m.gguf}
-ADAPTER=${ADAPTER:-model/adapters/gemma3-270m-nat4c4}
+ADAPTER=${ADAPTER:-model/adapters/gemma3-270m-nat6c4s2}
 HERE=$(cd "$(dirname "$0")" && pwd)
 export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
 if [[ $DEVICE == cuda ]]; then
