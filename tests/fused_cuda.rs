@@ -531,3 +531,54 @@ fn fused_wide_prefills_equal_candle_prefills() {
         }
     }
 }
+
+/// Training on the GPU takes two kernels of its own: the dropout mask
+/// (drawn from the same counter-based stream as on the CPU) and the LoRA
+/// term added to the frozen projection. In f32 a training forward with
+/// dropout and its LoRA gradients must equal the CPU's.
+#[test]
+fn gpu_training_steps_equal_cpu_training_steps() {
+    let Some(dev) = gpu() else { return };
+    let cfg = tiny_config(Architecture::Gemma3);
+    let lora_cfg = LoraConfig::new(4, 8.0, 0.25, &common::PROJECTIONS);
+    let run = |device: &Device| {
+        let mut dec = random_decoder_in(&cfg, 3, device, DType::F32);
+        lora::init(&mut dec, &lora_cfg, 9).unwrap();
+        common::randomize_lora_b(&dec, 4, 0.2);
+        let batch = wide();
+        let ids = tokens_for(&batch, 2, cfg.vocab_size);
+        let t = Tensor::from_vec(ids, (batch.rows.len(), batch.width()), device).unwrap();
+        let dropout = router::model::Dropout::new(77);
+        let h = dec
+            .forward_hidden(&t, &batch, None, Mode::Train(&dropout))
+            .unwrap();
+        let probe = Tensor::arange(0u32, h.elem_count() as u32, device)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .affine(1e-3, -0.1)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .reshape(h.dims())
+            .unwrap();
+        let grads = (&h * &probe)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<Tensor> = lora::trainable_vars(&dec)
+            .iter()
+            .map(|v| grads.get(v).unwrap().to_device(&Device::Cpu).unwrap())
+            .collect();
+        (h.to_device(&Device::Cpu).unwrap(), g)
+    };
+    let (want_h, want_g) = run(&Device::Cpu);
+    let (got_h, got_g) = run(&dev);
+    check("training forward with dropout", &got_h, &want_h, DType::F32);
+    assert_eq!(got_g.len(), want_g.len());
+    for (i, (g, w)) in got_g.iter().zip(&want_g).enumerate() {
+        check(&format!("LoRA gradient {i}"), g, w, DType::F32);
+    }
+}

@@ -20,7 +20,7 @@ fn tiny(arch: Architecture) -> Decoder {
 /// A training-mode generator; the tests' adapters have no dropout, so it
 /// never draws.
 fn no_dropout() -> Dropout {
-    Dropout::new(&Device::Cpu, 0).unwrap()
+    Dropout::new(0)
 }
 
 fn ids(n: usize, salt: u32) -> Vec<u32> {

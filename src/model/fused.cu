@@ -398,6 +398,40 @@ extern "C" __global__ void repeat_rows(const uint4 *src, uint4 *dst, const size_
     }
 }
 
+// Training: an inverted-dropout mask, keep[i] = 0 with probability p and
+// `scale` = 1 / (1 - p) otherwise, drawn from a counter-based hash of
+// (seed, i) (SplitMix64's finaliser; `linear::dropout_draw` is the same
+// function on the host, so every device drops the same elements).
+extern "C" __global__ void dropout_mask(float *keep, const size_t n, const unsigned long long seed,
+                                        const float p, const float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        unsigned long long z = seed + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ULL;
+        z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+        z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+        z ^= z >> 31;
+        const float u = (float)(z >> 40) * (1.0f / 16777216.0f);
+        keep[i] = u < p ? 0.0f : scale;
+    }
+}
+
+// Training: `base + (delta · scale · mul)` where base and out are in the
+// compute dtype and delta (and mul, when given) in f32, rounded as candle's
+// composed ops round: the f32 product, then the compute dtype, then the sum
+// in the compute dtype. The LoRA branch's term added to the frozen
+// projection (forward: scale = the adapter's scaling; backward: mul = the
+// dropout mask).
+template <typename T>
+__device__ void add_rounded(const T *base, const float *delta, const float *mul, T *out,
+                            const size_t n, const float scale) {
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x) {
+        float v = delta[i] * scale;
+        if (mul) v *= mul[i];
+        out[i] = from_f<T>(to_f(base[i]) + to_f(from_f<T>(v)));
+    }
+}
+
 // Row statistics of f32 logits `[rows, n]`, in two stages over many blocks
 // (a single block per row reads 262k columns slowly). Stage one: block
 // (chunk, row) reduces its columns to (max, first index of the max,
@@ -655,6 +689,11 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
         const T *scores, const T *mask, T *out, const int m_rows, const int t_len, const int div, \
         const int s_len, const float scale, const float softcap) {                               \
         masked_softmax<T>(scores, mask, out, m_rows, t_len, div, s_len, scale, softcap);         \
+    }                                                                                            \
+    extern "C" __global__ void add_rounded_##SUFFIX(const T *base, const float *delta,          \
+                                                    const float *mul, T *out, const size_t n,    \
+                                                    const float scale) {                         \
+        add_rounded<T>(base, delta, mul, out, n, scale);                                         \
     }                                                                                            \
     extern "C" __global__ void gated_##SUFFIX(const T *gate, const T *up, T *out,               \
                                               const size_t n, const int act) {                   \

@@ -17,14 +17,22 @@
 //!   few rows, q/k/v in one kernel and gate/up with the activation in one;
 //!   [`gated`] is the activation alone for wider steps;
 //! - [`pick`]: the arg-max and one token's probability per row of logits,
-//!   over many blocks per row (candle's arg-max reads a row with one block).
+//!   over many blocks per row (candle's arg-max reads a row with one block);
+//! - [`masked_softmax`]: the probabilities of a step too wide for
+//!   [`attention`], between candle's two matmuls; [`repeat_rows`]: the
+//!   system prefix's keys and values for every message of a batch.
+//!
+//! Two serve training, inside `grad.rs`'s nodes (which record their
+//! gradients): [`dropout_mask`] draws a LoRA dropout mask in one kernel, and
+//! [`add_rounded`] adds the LoRA term to the frozen projection (forward) and
+//! to the input gradient (backward), where candle took three or four.
 //!
 //! Each rounds to the compute dtype where candle's kernels do, so a fused
 //! step differs from an eager one only by the order of f32 sums
-//! (`tests/fused_cuda.rs` compares them on the GPU). Inference only: none
-//! records a gradient. The decoder calls them only after [`available`] said
-//! yes (`Decoder::set_fused_kernels`); in a build without CUDA every
-//! function returns an error.
+//! (`tests/fused_cuda.rs` compares them on the GPU). The decoder's inference
+//! steps call them only after [`available`] said yes
+//! (`Decoder::set_fused_kernels`), training wherever [`available`] says yes;
+//! in a build without CUDA every function returns an error.
 
 use candle_core::{DType, Device, Tensor};
 
@@ -143,6 +151,32 @@ pub(crate) fn repeat_rows(t: &Tensor, n: usize) -> candle_core::Result<Option<Te
     imp::repeat_rows(t, n)
 }
 
+/// Training: an inverted-dropout mask of `shape` (f32), 0 with
+/// probability `p` and `1 / (1 - p)` otherwise, element `i` drawn from
+/// `seed` and `i` alone ([`super::linear::dropout_draw`] on the host draws
+/// the same), in one kernel.
+pub(crate) fn dropout_mask(
+    shape: (usize, usize),
+    p: f64,
+    seed: u64,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    imp::dropout_mask(shape, p, seed, device)
+}
+
+/// Training: `base + (delta · scale · mul)` for `base` in the compute dtype
+/// and `delta` (and `mul`) f32 of its shape, rounded as candle's composed
+/// ops round (the f32 product, the compute dtype, the sum), in one kernel
+/// instead of three or four.
+pub(crate) fn add_rounded(
+    base: &Tensor,
+    delta: &Tensor,
+    mul: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    imp::add_rounded(base, delta, mul, scale)
+}
+
 /// `act(gate) · up`, elementwise.
 pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     imp::gated(gate, up, act)
@@ -243,6 +277,24 @@ mod imp {
     }
 
     pub(super) fn repeat_rows(_: &Tensor, _: usize) -> candle_core::Result<Option<Tensor>> {
+        unavailable()
+    }
+
+    pub(super) fn dropout_mask(
+        _: (usize, usize),
+        _: f64,
+        _: u64,
+        _: &Device,
+    ) -> candle_core::Result<Tensor> {
+        unavailable()
+    }
+
+    pub(super) fn add_rounded(
+        _: &Tensor,
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: f64,
+    ) -> candle_core::Result<Tensor> {
         unavailable()
     }
 
@@ -840,6 +892,79 @@ mod imp {
         // alignment), `out` was allocated for `n` copies of them.
         unsafe { launch_named(&dev, "repeat_rows", cfg, &args) }?;
         Ok(Some(out))
+    }
+
+    /// Blocks for a grid-stride loop over `n` elements.
+    fn elementwise(n: usize) -> LaunchConfig {
+        let threads = 256u32;
+        LaunchConfig {
+            grid_dim: (n.div_ceil(threads as usize).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    pub(super) fn dropout_mask(
+        shape: (usize, usize),
+        p: f64,
+        seed: u64,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let Device::Cuda(dev) = device else {
+            candle_core::bail!("the fused kernels take CUDA tensors");
+        };
+        let n = shape.0 * shape.1;
+        let keep = uninit(dev, DType::F32, shape)?;
+        if n == 0 {
+            return Ok(keep);
+        }
+        let ptr = addr(&keep)?;
+        let (p32, scale) = (p as f32, (1.0 / (1.0 - p)) as f32);
+        let args: [&dyn Arg; 5] = [&ptr, &n, &seed, &p32, &scale];
+        // SAFETY: `keep` holds the `n` f32 the kernel writes.
+        unsafe { launch_named(dev, "dropout_mask", elementwise(n), &args) }?;
+        Ok(keep)
+    }
+
+    pub(super) fn add_rounded(
+        base: &Tensor,
+        delta: &Tensor,
+        mul: Option<&Tensor>,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        let dev = cuda(base)?;
+        let dtype = base.dtype();
+        let n = base.elem_count();
+        if delta.dims() != base.dims() || mul.is_some_and(|m| m.dims() != base.dims()) {
+            candle_core::bail!(
+                "add_rounded: base {:?}, delta {:?} and mul {:?} differ",
+                base.dims(),
+                delta.dims(),
+                mul.map(Tensor::dims)
+            );
+        }
+        if delta.dtype() != DType::F32 || mul.is_some_and(|m| m.dtype() != DType::F32) {
+            candle_core::bail!("add_rounded takes an f32 delta and multiplier");
+        }
+        let (base, delta) = (base.contiguous()?, delta.contiguous()?);
+        let mul = mul.map(Tensor::contiguous).transpose()?;
+        let out = uninit(&dev, dtype, base.shape().clone())?;
+        if n == 0 {
+            return Ok(out);
+        }
+        let ptrs = [
+            addr(&base)?,
+            addr(&delta)?,
+            mul.as_ref().map(addr).transpose()?.unwrap_or(0),
+            addr(&out)?,
+        ];
+        let scale = scale as f32;
+        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        args.extend([&n as &dyn Arg, &scale]);
+        // SAFETY: every buffer holds the `n` elements of `base`'s shape
+        // (checked), contiguous; a null `mul` is skipped by the kernel.
+        unsafe { launch(&dev, "add_rounded", dtype, elementwise(n), &args) }?;
+        Ok(out)
     }
 
     pub(super) fn pick(

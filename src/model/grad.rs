@@ -18,6 +18,8 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
+use super::fused;
+
 /// A node's backward: from the gradient of its output to the gradients of
 /// its (up to three) arguments, `None` where an argument needs none.
 type Backward =
@@ -354,10 +356,17 @@ pub(crate) fn lora_linear(
         None => xd,
     };
     let h = xd.matmul(&a_s.t()?)?;
-    let delta = h.matmul(&b_s.t()?)?.affine(scaling, 0.0)?;
     let mut out_dims = leading.to_vec();
     out_dims.push(w.dim(0)?);
-    let out = (base + delta.to_dtype(x.dtype())?)?.reshape(out_dims)?;
+    // On CUDA one kernel adds the scaled term (the affine, cast and add).
+    let fused_add = fused::available(x.device(), x.dtype());
+    let out = if fused_add {
+        fused::add_rounded(&base, &h.matmul(&b_s.t()?)?, None, scaling)?
+    } else {
+        let delta = h.matmul(&b_s.t()?)?.affine(scaling, 0.0)?;
+        (base + delta.to_dtype(x.dtype())?)?
+    }
+    .reshape(out_dims)?;
     let x_needs_grad = x.track_op();
     let dtype = x.dtype();
     record("lora-linear", &[x, a, b], out, move |g| {
@@ -369,11 +378,15 @@ pub(crate) fn lora_linear(
         let da = gh.t()?.matmul(&xd)?;
         let dx = if x_needs_grad {
             let through_lora = gh.matmul(&a_s)?;
-            let through_lora = match &keep {
-                Some(k) => (through_lora * k)?,
-                None => through_lora,
+            let dx = if fused_add {
+                fused::add_rounded(&g2.matmul(&w)?, &through_lora, keep.as_ref(), 1.0)?
+            } else {
+                let through_lora = match &keep {
+                    Some(k) => (through_lora * k)?,
+                    None => through_lora,
+                };
+                (g2.matmul(&w)? + through_lora.to_dtype(dtype)?)?
             };
-            let dx = (g2.matmul(&w)? + through_lora.to_dtype(dtype)?)?;
             Some(dx.reshape(dims.as_slice())?)
         } else {
             None

@@ -12,10 +12,8 @@ use candle_core::backend::BackendStorage;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor, Var};
 
-use super::grad;
 use super::q8::Q8Matrix;
-
-use crate::rng::SplitMix64;
+use super::{fused, grad};
 
 /// Which kernels the forward pass may use.
 #[derive(Debug, Clone, Copy)]
@@ -30,10 +28,12 @@ pub enum Mode<'a> {
 
 /// The dropout masks of one training step.
 ///
-/// CUDA masks come from the device generator, seeded here; CPU masks from a
-/// counter-based stream of this value, because candle's CPU generator cannot
-/// be seeded. Each mask draws the next stream, so a step is reproducible
-/// from its seed alone and two trainings never share a generator.
+/// Element `i` of a mask is dropped when [`dropout_draw`] of the mask's
+/// stream and `i` is below `p`: a counter-based draw, so every device drops
+/// the same elements (CUDA computes it in one kernel, `fused::dropout_mask`;
+/// candle's CPU generator cannot be seeded). Each mask draws the next
+/// stream, so a step is reproducible from its seed alone and two trainings
+/// never share a generator.
 #[derive(Debug)]
 pub struct Dropout {
     seed: u64,
@@ -42,15 +42,12 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    /// A generator for one step on `device` (seeds the CUDA generator too).
-    pub fn new(device: &Device, seed: u64) -> candle_core::Result<Self> {
-        if !device.is_cpu() {
-            device.set_seed(seed)?;
-        }
-        Ok(Self {
+    /// The generator of one step.
+    pub fn new(seed: u64) -> Self {
+        Self {
             seed,
             calls: Cell::new(0),
-        })
+        }
     }
 
     /// An inverted-dropout mask of `shape` (f32): each element is 0 with
@@ -61,19 +58,35 @@ impl Dropout {
         p: f64,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
-        let keep = 1.0 / (1.0 - p);
-        if !device.is_cpu() {
-            let draw = Tensor::rand(0f32, 1f32, shape, device)?;
-            return draw.ge(p)?.to_dtype(DType::F32)?.affine(keep, 0.0);
-        }
         let call = self.calls.get();
         self.calls.set(call + 1);
-        let mut rng = SplitMix64(self.seed ^ call.wrapping_mul(0xA24B_AED4_963E_E407));
-        let mask: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| if rng.next_f64() < p { 0.0 } else { keep as f32 })
+        let stream = self.seed ^ call.wrapping_mul(0xA24B_AED4_963E_E407);
+        if fused::available(device, DType::F32) {
+            return fused::dropout_mask(shape, p, stream, device);
+        }
+        let (p, keep) = (p as f32, (1.0 / (1.0 - p)) as f32);
+        let mask: Vec<f32> = (0..(shape.0 * shape.1) as u64)
+            .map(|i| {
+                if dropout_draw(stream, i) < p {
+                    0.0
+                } else {
+                    keep
+                }
+            })
             .collect();
-        Tensor::from_vec(mask, shape, device)
+        Tensor::from_vec(mask, shape, &Device::Cpu)?.to_device(device)
     }
+}
+
+/// The uniform draw in `[0, 1)` (24 bits) of element `i` of the dropout
+/// stream `stream`: SplitMix64's finaliser over `stream + (i + 1)·φ`, the
+/// function `fused.cu`'s `dropout_mask` computes on the GPU.
+pub(crate) fn dropout_draw(stream: u64, i: u64) -> f32 {
+    let mut z = stream.wrapping_add((i + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 * (1.0 / 16_777_216.0)
 }
 
 /// The trainable pair of one adapted projection.
@@ -462,5 +475,34 @@ impl CustomOp2 for FrozenMatmulT {
         grad: &Tensor,
     ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(w)?), None))
+    }
+}
+
+#[cfg(test)]
+mod dropout_tests {
+    use super::*;
+
+    #[test]
+    fn dropout_masks_drop_p_of_the_elements_reproducibly() {
+        let p = 0.1;
+        let (a, b) = (Dropout::new(5), Dropout::new(5));
+        let first = a.keep_mask((200, 500), p, &Device::Cpu).unwrap();
+        let again = b.keep_mask((200, 500), p, &Device::Cpu).unwrap();
+        let second = a.keep_mask((200, 500), p, &Device::Cpu).unwrap();
+        let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let v = values(&first);
+        // The same seed draws the same masks; the next mask of a step differs.
+        assert_eq!(v, values(&again));
+        assert_ne!(v, values(&second));
+        let keep = (1.0 / (1.0 - p)) as f32;
+        assert!(v.iter().all(|&x| x == 0.0 || x == keep));
+        let dropped = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
+        assert!((dropped - p).abs() < 0.005, "{dropped}");
+        // Draws are uniform over [0, 1): the mean of many is about a half.
+        let mean = (0..100_000u64)
+            .map(|i| dropout_draw(9, i) as f64)
+            .sum::<f64>()
+            / 1e5;
+        assert!((mean - 0.5).abs() < 0.005, "{mean}");
     }
 }

@@ -791,10 +791,7 @@ fn train_loop(
         let step_tokens: usize = picked.iter().map(|t| t.ids.len()).sum();
         let step_started = Instant::now();
         // This step's dropout masks: reproducible from the seed and the step.
-        let dropout = Dropout::new(
-            &device,
-            args.seed.wrapping_mul(1_000_003).wrapping_add(step as u64),
-        )?;
+        let dropout = Dropout::new(args.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let lr = learning_rate(step, total, warmup, args.lr);
         let dec = &router.base().decoder;
         let vars = opt.vars();
@@ -1076,7 +1073,7 @@ mod tests {
         assert_eq!(shared_prefix_len(&refs), 10);
         assert_eq!(shared_prefix_len(&refs[..1]), 0);
 
-        let dropout = Dropout::new(&Device::Cpu, 0).unwrap();
+        let dropout = Dropout::new(0);
         let mode = Mode::Train(&dropout);
         let (shared, n) = batch_loss(&dec, &refs, 1.0, mode, true).unwrap();
         let mut whole = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu).unwrap();
@@ -1127,7 +1124,7 @@ mod tests {
         // Six tokens, two of them answers: fewer rows than either Q8 bound.
         let rows = [row(&[], &[5, 9, 14, 20, 33, 41], 4)];
         let refs: Vec<&Tokenized> = rows.iter().collect();
-        let dropout = Dropout::new(&Device::Cpu, 0).unwrap();
+        let dropout = Dropout::new(0);
         let (loss, n) = batch_loss(&dec, &refs, 1.0, Mode::Train(&dropout), true).unwrap();
         assert_eq!(n, 2);
         let grads = loss.backward().unwrap();
