@@ -358,13 +358,14 @@ pub(crate) fn lora_linear(
     let h = xd.matmul(&a_s.t()?)?;
     let mut out_dims = leading.to_vec();
     out_dims.push(w.dim(0)?);
-    // On CUDA one kernel adds the scaled term (the affine, cast and add).
+    let delta = h.matmul(&b_s.t()?)?;
+    // On CUDA one kernel scales, rounds and adds the adapter's term (and,
+    // backward, masks, rounds and adds its input gradient).
     let fused_add = fused::available(x.device(), x.dtype());
     let out = if fused_add {
-        fused::add_rounded(&base, &h.matmul(&b_s.t()?)?, None, scaling)?
+        fused::add_rounded(&base, &delta, None, scaling)?
     } else {
-        let delta = h.matmul(&b_s.t()?)?.affine(scaling, 0.0)?;
-        (base + delta.to_dtype(x.dtype())?)?
+        (base + delta.affine(scaling, 0.0)?.to_dtype(x.dtype())?)?
     }
     .reshape(out_dims)?;
     let x_needs_grad = x.track_op();
