@@ -87,7 +87,7 @@ pub struct ModelArgs {
     )]
     pub cpu_weights: CpuWeights,
 
-    /// auto: decide batches of up to 16 messages with steps replayed from
+    /// auto: decide batches of up to 32 messages with steps replayed from
     /// CUDA graphs when on CUDA; off: eager steps everywhere; on: the
     /// replayed steps' static cache on every device (run eagerly on the
     /// CPU, where it is slower: for checks).

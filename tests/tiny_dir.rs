@@ -128,3 +128,30 @@ fn warming_up_prepares_the_replayed_steps_and_changes_nothing() {
         assert_eq!(&router.route(t).unwrap(), want, "{t}");
     }
 }
+
+/// A batch of more than 16 messages (a 32-row static cache) replays too,
+/// and writes what the growing cache writes.
+#[test]
+fn batches_of_up_to_32_messages_replay_as_they_grow() {
+    let mut router = tiny_router(RouterConfig {
+        max_new_tokens: 12,
+        stop_at_chat: false,
+        max_batch: 32,
+        cuda_graphs: Some(false),
+        ..RouterConfig::default()
+    });
+    let words = ["draw", "a", "cat", "hello", "there", "幫我畫", "🐱", "x"];
+    let texts: Vec<String> = (0..21)
+        .map(|i| {
+            (0..1 + i % 6)
+                .map(|j| words[(i * 3 + j) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect();
+    let refs: Vec<&str> = texts.iter().map(String::as_str).collect();
+    assert_eq!(router.length_groups(&refs).unwrap().len(), 1, "one batch");
+    let growing = router.route_batch(&refs).unwrap();
+    router.config.cuda_graphs = Some(true);
+    assert_eq!(router.route_batch(&refs).unwrap(), growing);
+}
