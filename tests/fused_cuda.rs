@@ -102,6 +102,15 @@ fn check(what: &str, got: &Tensor, want: &Tensor, dtype: DType) {
     assert!(r <= tolerance(dtype), "{what}: relative difference {r}");
 }
 
+/// Every layer's keys and values against the reference's.
+fn check_kv(what: &str, got: &[(Tensor, Tensor)], want: &[(Tensor, Tensor)], dtype: DType) {
+    assert_eq!(got.len(), want.len(), "{what}: layers");
+    for (layer, ((gk, gv), (wk, wv))) in got.iter().zip(want).enumerate() {
+        check(&format!("{what} layer {layer} keys"), gk, wk, dtype);
+        check(&format!("{what} layer {layer} values"), gv, wv, dtype);
+    }
+}
+
 /// A prefix of 5 tokens on one row, repeated for 3 rows, then: a ragged
 /// left-padded prefill, three single-token steps (past Gemma's window of
 /// 4) and a step of three columns where one row has a padding column.
@@ -312,20 +321,7 @@ fn fused_static_steps_write_the_same_cache_and_states() {
             for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                 check(&format!("{name} {dtype:?} static step {i}"), g, w, dtype);
             }
-            for (layer, ((gk, gv), (wk, wv))) in got_kv.iter().zip(&want_kv).enumerate() {
-                check(
-                    &format!("{name} {dtype:?} layer {layer} keys"),
-                    gk,
-                    wk,
-                    dtype,
-                );
-                check(
-                    &format!("{name} {dtype:?} layer {layer} values"),
-                    gv,
-                    wv,
-                    dtype,
-                );
-            }
+            check_kv(&format!("{name} {dtype:?}"), &got_kv, &want_kv, dtype);
             // And the static steps agree with the growing cache's.
             for (i, (g, w)) in got.iter().zip(&growing(&plain)).enumerate() {
                 check(
@@ -512,22 +508,8 @@ fn fused_wide_prefills_equal_candle_prefills() {
                 s.load(c).unwrap();
                 s.kv().to_vec()
             };
-            for (layer, ((gk, gv), (wk, wv))) in
-                kv(&got_cache).iter().zip(&kv(&want_cache)).enumerate()
-            {
-                check(
-                    &format!("{name} {dtype:?} layer {layer} keys"),
-                    gk,
-                    wk,
-                    dtype,
-                );
-                check(
-                    &format!("{name} {dtype:?} layer {layer} values"),
-                    gv,
-                    wv,
-                    dtype,
-                );
-            }
+            let what = format!("{name} {dtype:?} wide prefill cache");
+            check_kv(&what, &kv(&got_cache), &kv(&want_cache), dtype);
         }
     }
 }
