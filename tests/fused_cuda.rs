@@ -161,18 +161,7 @@ fn tokens_for(batch: &Batch, salt: u32, vocab: usize) -> Vec<u32> {
 }
 
 fn prefix(dec: &Decoder) -> Cache {
-    let vocab = dec.cfg.vocab_size as u32;
-    let ids: Vec<u32> = (0..PREFIX as u32).map(|i| (i * 31 + 5) % vocab).collect();
-    let t = Tensor::from_vec(ids, (1, PREFIX), &dec.device).unwrap();
-    let mut cache = Cache::default();
-    dec.forward_hidden(
-        &t,
-        &dense_batch(1, 0, PREFIX),
-        Some(&mut cache),
-        Mode::Infer,
-    )
-    .unwrap();
-    cache
+    common::prefix_cache(dec, PREFIX)
 }
 
 /// Hidden states of every step with a growing cache.
@@ -447,14 +436,7 @@ fn masks_built_on_the_gpu_equal_the_cpus() {
 /// probabilities by the fused softmax. Rows are left-padded by 0-4 columns.
 /// Returns the hidden states and every layer's keys and values.
 fn wide_prefill(dec: &Decoder, rows: usize, prefix: usize, width: usize) -> (Tensor, Cache) {
-    let vocab = dec.cfg.vocab_size as u32;
-    let ids: Vec<u32> = (0..prefix as u32).map(|i| (i * 31 + 5) % vocab).collect();
-    let t = Tensor::from_vec(ids, (1, prefix), &dec.device).unwrap();
-    let mut cache = Cache::default();
-    let one = dense_batch(1, 0, prefix);
-    dec.forward_hidden(&t, &one, Some(&mut cache), Mode::Infer)
-        .unwrap();
-    let mut cache = cache.repeat(rows).unwrap();
+    let mut cache = common::prefix_cache(dec, prefix).repeat(rows).unwrap();
     let batch = Batch {
         rows: (0..rows)
             .map(|r| {

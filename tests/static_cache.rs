@@ -90,17 +90,7 @@ fn script() -> Vec<Step> {
 
 /// The shared prefix, cached by the growing path for one row.
 fn prefix(dec: &Decoder) -> Cache {
-    let tokens: Vec<u32> = (0..PREFIX as u32).map(|i| (i * 31 + 5) % 97).collect();
-    let t = Tensor::from_vec(tokens, (1, PREFIX), &Device::Cpu).unwrap();
-    let mut cache = Cache::default();
-    dec.forward_hidden(
-        &t,
-        &dense_batch(1, 0, PREFIX),
-        Some(&mut cache),
-        Mode::Infer,
-    )
-    .unwrap();
-    cache
+    common::prefix_cache(dec, PREFIX)
 }
 
 /// Hidden states of every step with a growing cache.

@@ -9,7 +9,8 @@ use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 use router::model::{
-    build_decoder, compute_dtype, Architecture, Decoder, ModelConfig, RopeScaling,
+    build_decoder, compute_dtype, dense_batch, Architecture, Cache, Decoder, Mode, ModelConfig,
+    RopeScaling,
 };
 use router::rng::SplitMix64;
 use router::tokenizer::Tokenizer;
@@ -169,6 +170,19 @@ pub fn random_decoder_in(cfg: &ModelConfig, seed: u64, device: &Device, dtype: D
         VarBuilder::from_backend(backend, dtype, device.clone()),
     )
     .unwrap()
+}
+
+/// The keys and values of a shared prompt prefix of `len` tokens (ids
+/// `(31·i + 5) mod vocab`), read by the growing path for one row on the
+/// decoder's device, as the router caches its system prompt.
+pub fn prefix_cache(dec: &Decoder, len: usize) -> Cache {
+    let vocab = dec.cfg.vocab_size as u32;
+    let ids: Vec<u32> = (0..len as u32).map(|i| (i * 31 + 5) % vocab).collect();
+    let t = Tensor::from_vec(ids, (1, len), &dec.device).unwrap();
+    let mut cache = Cache::default();
+    dec.forward_hidden(&t, &dense_batch(1, 0, len), Some(&mut cache), Mode::Infer)
+        .unwrap();
+    cache
 }
 
 /// Largest absolute element-wise difference of two tensors of one shape.
