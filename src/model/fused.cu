@@ -95,6 +95,28 @@ __device__ float block_reduce(float v, float *scratch) {
 __device__ float block_sum(float v, float *scratch) { return block_reduce<Sum>(v, scratch); }
 __device__ float block_max(float v, float *scratch) { return block_reduce<Max>(v, scratch); }
 
+// Every index `i` below `n`, spread over the whole grid (a grid-stride
+// loop: any grid size covers every index).
+#define FOR_EACH_INDEX(i, n)                                                                     \
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n);                      \
+         i += (size_t)gridDim.x * blockDim.x)
+
+// The arg-max merge rule: the larger value wins, then the smaller index.
+__device__ __forceinline__ void argmax_merge(float &best, int &arg, const float v, const int a) {
+    if (v > best || (v == best && a < arg)) {
+        best = v;
+        arg = a;
+    }
+}
+
+// The arg-max over a warp's lanes, returned to every lane.
+__device__ __forceinline__ void warp_argmax(float &best, int &arg) {
+    for (int o = WARP / 2; o > 0; o >>= 1) {
+        argmax_merge(best, arg, __shfl_xor_sync(0xffffffff, best, o),
+                     __shfl_xor_sync(0xffffffff, arg, o));
+    }
+}
+
 // h = residual + norm_post(x) (or residual + x without `a_post`), then
 // y = norm_next(h); one block per row of `n` features. Both outputs are
 // written: h is the next residual, y the next block's input.
@@ -392,8 +414,7 @@ __device__ void masked_softmax(const T *scores, const T *mask, T *out, const int
 // prompt prefix's keys and values repeated for every message of a batch.
 extern "C" __global__ void repeat_rows(const uint4 *src, uint4 *dst, const size_t len,
                                        const size_t total) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total;
-         i += (size_t)gridDim.x * blockDim.x) {
+    FOR_EACH_INDEX(i, total) {
         dst[i] = src[i % len];
     }
 }
@@ -404,8 +425,7 @@ extern "C" __global__ void repeat_rows(const uint4 *src, uint4 *dst, const size_
 // function on the host, so every device drops the same elements).
 extern "C" __global__ void dropout_mask(float *keep, const size_t n, const unsigned long long seed,
                                         const float p, const float scale) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    FOR_EACH_INDEX(i, n) {
         unsigned long long z = seed + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ULL;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
@@ -424,8 +444,7 @@ extern "C" __global__ void dropout_mask(float *keep, const size_t n, const unsig
 template <typename T>
 __device__ void add_rounded(const T *base, const float *delta, const float *mul, T *out,
                             const size_t n, const float scale) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    FOR_EACH_INDEX(i, n) {
         float v = delta[i] * scale;
         if (mul) v *= mul[i];
         out[i] = from_f<T>(to_f(base[i]) + to_f(from_f<T>(v)));
@@ -454,14 +473,7 @@ extern "C" __global__ void row_stats_partial(const float *x, const int n, const 
         }
     }
     // Arg-max over the block: larger value wins, then the smaller index.
-    for (int o = WARP / 2; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffff, best, o);
-        const int oa = __shfl_xor_sync(0xffffffff, arg, o);
-        if (ov > best || (ov == best && oa < arg)) {
-            best = ov;
-            arg = oa;
-        }
-    }
+    warp_argmax(best, arg);
     const int lane = threadIdx.x % WARP, warp = threadIdx.x / WARP, warps = blockDim.x / WARP;
     if (lane == 0) {
         s_max[warp] = best;
@@ -471,14 +483,7 @@ extern "C" __global__ void row_stats_partial(const float *x, const int n, const 
     if (warp == 0) {
         best = lane < warps ? s_max[lane] : -INFINITY;
         arg = lane < warps ? s_arg[lane] : begin;
-        for (int o = WARP / 2; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(0xffffffff, best, o);
-            const int oa = __shfl_xor_sync(0xffffffff, arg, o);
-            if (ov > best || (ov == best && oa < arg)) {
-                best = ov;
-                arg = oa;
-            }
-        }
+        warp_argmax(best, arg);
         if (lane == 0) {
             s_max[0] = best;
             s_arg[0] = arg;
@@ -507,21 +512,9 @@ extern "C" __global__ void row_stats_final(const float *x, const int n, const in
     float best = -INFINITY;
     int arg = 0;
     for (int i = lane; i < parts; i += WARP) {
-        const float v = p_max[row * parts + i];
-        const int a = p_arg[row * parts + i];
-        if (v > best || (v == best && a < arg)) {
-            best = v;
-            arg = a;
-        }
+        argmax_merge(best, arg, p_max[row * parts + i], p_arg[row * parts + i]);
     }
-    for (int o = WARP / 2; o > 0; o >>= 1) {
-        const float ov = __shfl_xor_sync(0xffffffff, best, o);
-        const int oa = __shfl_xor_sync(0xffffffff, arg, o);
-        if (ov > best || (ov == best && oa < arg)) {
-            best = ov;
-            arg = oa;
-        }
-    }
+    warp_argmax(best, arg);
     float sum = 0.0f;
     for (int i = lane; i < parts; i += WARP) {
         const float m = p_max[row * parts + i];
@@ -557,8 +550,7 @@ __device__ __forceinline__ T activate(const T x, const int act) {
 // product, as candle's two kernels do).
 template <typename T>
 __device__ void gated(const T *gate, const T *up, T *out, const size_t n, const int act) {
-    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < n;
-         i += (size_t)gridDim.x * blockDim.x) {
+    FOR_EACH_INDEX(i, n) {
         out[i] = activate(gate[i], act) * up[i];
     }
 }

@@ -688,10 +688,9 @@ mod imp {
         let ptrs = [addr(&gate)?, addr(&up)?, addr(&out)?];
         let n64 = n as u64;
         let act = act_code(act);
-        let cfg = LaunchConfig::for_num_elems(n as u32);
         let args: [&dyn Arg; 5] = [&ptrs[0], &ptrs[1], &ptrs[2], &n64, &act];
         // SAFETY: three live contiguous buffers of `n` elements.
-        unsafe { launch(&dev, "gated", dtype, cfg, &args) }?;
+        unsafe { launch(&dev, "gated", dtype, elementwise(n), &args) }?;
         Ok(out)
     }
 
@@ -722,6 +721,16 @@ mod imp {
     /// runs at full occupancy.
     fn skinny_bound(rows: usize) -> usize {
         rows.next_power_of_two().min(SKINNY_MAX_ROWS)
+    }
+
+    /// Blocks for a grid-stride loop over `n` elements.
+    fn elementwise(n: usize) -> LaunchConfig {
+        let threads = 256u32;
+        LaunchConfig {
+            grid_dim: (n.div_ceil(threads as usize).clamp(1, 65_535) as u32, 1, 1),
+            block_dim: (threads, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     /// Blocks of 8 warps for `warps` output features.
@@ -879,29 +888,12 @@ mod imp {
         shape[0] = n;
         let out = uninit(&dev, t.dtype(), shape)?;
         let (len, total) = (bytes / 16, n * bytes / 16);
-        let threads = 256u32;
-        let blocks = total.div_ceil(threads as usize).min(65_535) as u32;
-        let cfg = LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        };
         let dst = addr(&out)?;
         let args: [&dyn Arg; 4] = [&src, &dst, &len, &total];
         // SAFETY: `src` holds `len` 16-byte words (checked multiple and
         // alignment), `out` was allocated for `n` copies of them.
-        unsafe { launch_named(&dev, "repeat_rows", cfg, &args) }?;
+        unsafe { launch_named(&dev, "repeat_rows", elementwise(total), &args) }?;
         Ok(Some(out))
-    }
-
-    /// Blocks for a grid-stride loop over `n` elements.
-    fn elementwise(n: usize) -> LaunchConfig {
-        let threads = 256u32;
-        LaunchConfig {
-            grid_dim: (n.div_ceil(threads as usize).clamp(1, 65_535) as u32, 1, 1),
-            block_dim: (threads, 1, 1),
-            shared_mem_bytes: 0,
-        }
     }
 
     pub(super) fn dropout_mask(
