@@ -546,3 +546,138 @@ fn gpu_training_steps_equal_cpu_training_steps() {
         check(&format!("LoRA gradient {i}"), g, w, DType::F32);
     }
 }
+
+/// A training pass captured as a CUDA graph (`Replay`, the way `train`
+/// replays its steps) and replayed with other tokens, positions, padding
+/// and dropout seed must leave the gradients an eager pass of those inputs
+/// computes: the replay reads every input from its buffers, including the
+/// dropout seed.
+#[test]
+fn replayed_training_passes_equal_eager_ones() {
+    let Some(dev) = gpu() else { return };
+    let cfg = tiny_config(Architecture::Gemma3);
+    let lora_cfg = LoraConfig::new(4, 8.0, 0.25, &common::PROJECTIONS);
+    let mut dec = random_decoder_in(&cfg, 3, &dev, DType::BF16);
+    lora::init(&mut dec, &lora_cfg, 9).unwrap();
+    common::randomize_lora_b(&dec, 4, 0.2);
+    let vars = lora::trainable_vars(&dec);
+    let (first, second) = (wide(), steps().remove(0));
+    let width = first.width().max(second.width());
+    let padded = |b: &Batch| Batch {
+        rows: b
+            .rows
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                r.resize(width, None);
+                r
+            })
+            .collect(),
+    };
+    let (first, second) = (padded(&first), padded(&second));
+    assert_eq!(first.rows.len(), second.rows.len(), "one shape for both");
+    let rows = first.rows.len();
+    let probe = Tensor::arange(0u32, (rows * width * cfg.hidden_size) as u32, &dev)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .affine(1e-3, -0.1)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .reshape((rows, width, cfg.hidden_size))
+        .unwrap();
+    let loss = |h: &Tensor| (h.to_dtype(DType::F32)? * &probe)?.sum_all();
+    let buffers: Vec<Tensor> = vars
+        .iter()
+        .map(|v| v.as_tensor().zeros_like().unwrap())
+        .collect();
+    let seed_buffer = Tensor::zeros(2, DType::U32, &dev).unwrap();
+    let mut inputs = dec.step_inputs(rows, width, width).unwrap();
+    let mut replay = router::model::Replay::new();
+    for (batch, seed) in [(&first, 11u64), (&second, 12)] {
+        let ids = tokens_for(batch, seed as u32, cfg.vocab_size);
+        inputs.fill_rows(&ids, batch, &[]).unwrap();
+        let words = router::model::Dropout::seed_words(seed);
+        seed_buffer
+            .slice_set(&Tensor::new(&words, &dev).unwrap(), 0, 0)
+            .unwrap();
+        replay
+            .run(&dev, "the test pass", || {
+                let dropout = router::model::Dropout::with_seed_buffer(seed, &seed_buffer);
+                let h = dec.forward_rows(&inputs, None, Mode::Train(&dropout))?;
+                let grads = loss(&h)?.backward()?;
+                for (buffer, var) in buffers.iter().zip(&vars) {
+                    let Some(g) = grads.get(var) else {
+                        candle_core::bail!("no gradient");
+                    };
+                    buffer.slice_set(&g.contiguous()?, 0, 0)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+    assert!(replay.is_captured(), "the training pass was not captured");
+    // The eager pass of the second inputs, its masks drawn from the seed.
+    let ids = tokens_for(&second, 12, cfg.vocab_size);
+    let t = Tensor::from_vec(ids, (rows, width), &dev).unwrap();
+    let dropout = router::model::Dropout::new(12);
+    let h = dec
+        .forward_hidden(&t, &second, None, Mode::Train(&dropout))
+        .unwrap();
+    let grads = loss(&h).unwrap().backward().unwrap();
+    for (i, (buffer, var)) in buffers.iter().zip(&vars).enumerate() {
+        let want = grads.get(var).unwrap();
+        check(
+            &format!("replayed LoRA gradient {i}"),
+            buffer,
+            want,
+            DType::F32,
+        );
+    }
+}
+
+/// Training's loss on CUDA (one kernel for the rows' log-sum-exp and loss,
+/// one for the gradient) against the CPU's composed ops, in f32 and bf16:
+/// the loss and the gradient reaching the hidden states.
+#[test]
+fn the_fused_training_loss_equals_the_composed_one() {
+    let Some(dev) = gpu() else { return };
+    let cfg = tiny_config(Architecture::Gemma3);
+    let rows = 5;
+    let values: Vec<f32> = (0..rows * cfg.hidden_size)
+        .map(|i| ((i as f32) * 0.37).sin() * 2.0)
+        .collect();
+    let run = |device: &Device, dtype: DType| {
+        let dec = random_decoder_in(&cfg, 3, device, dtype);
+        let hidden = Tensor::from_vec(values.clone(), (rows, cfg.hidden_size), device)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        let hidden = candle_core::Var::from_tensor(&hidden).unwrap();
+        let targets = Tensor::new(&[1u32, 7, 0, 3, 7], device).unwrap();
+        let weights = Tensor::new(&[0.5f32, 1.0, 0.0, 0.25, 2.0], device).unwrap();
+        let loss = dec
+            .answer_loss(hidden.as_tensor(), &targets, &weights)
+            .unwrap();
+        let grad = loss.backward().unwrap().get(&hidden).unwrap().clone();
+        let cpu = |t: &Tensor| {
+            t.to_dtype(DType::F32)
+                .unwrap()
+                .to_device(&Device::Cpu)
+                .unwrap()
+        };
+        (cpu(&loss), cpu(&grad))
+    };
+    let (want_loss, want_grad) = run(&Device::Cpu, DType::F32);
+    for dtype in [DType::F32, DType::BF16] {
+        let (loss, grad) = run(&dev, dtype);
+        check(&format!("loss, {dtype:?}"), &loss, &want_loss, dtype);
+        check(
+            &format!("its gradient, {dtype:?}"),
+            &grad,
+            &want_grad,
+            dtype,
+        );
+    }
+}

@@ -18,14 +18,16 @@
 # STEPS (default "270m 1b train" on cuda, "270m" on cpu):
 #   270m   export the 270M, `bot bench` (writes the ids), hf_reference.py
 #   1b     make the 1B shape, `bot bench` on it, hf_reference.py
-#   train  our `train` with the shipped recipe for TRAIN_STEPS steps, 270M
-#          and 1B (peak GPU memory sampled by nvidia-smi in the background)
+#   train  our `train` with the shipped recipe for TRAIN_STEPS steps (270M;
+#          the default covers a whole epoch, whose time is then measured, CUDA
+#          graph captures included) and TRAIN_STEPS_1B steps (1B), peak GPU
+#          memory sampled by nvidia-smi in the background
 # The table is printed from whatever results are in $OUT, so parts can be
 # rerun alone. Knobs: LIMIT / LIMIT_1B (messages of `bot bench`), LAT
 # (batch-1 messages of the slow methods), TRAIN_STEPS, WORK (exports: 0.5 GB
 # and 2 GB on cuda), OUT (results: env.txt, ours_*.json, hf_*.json,
-# train_*, table.md). TRAIN_AB=1 also times the 270M recipe with
-# --shared-prefix on (train_270m-shared.*; off is the default on a GPU).
+# train_*, table.md). TRAIN_AB=1 also times 60 eager 270M steps
+# (--graphs off: train_270m-eager.*).
 set -euo pipefail
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-/tmp/out}
@@ -39,11 +41,13 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
 if [[ $DEVICE == cuda ]]; then
   STEPS=${STEPS:-"270m 1b train"}
-  LIMIT=${LIMIT:-120} LIMIT_1B=${LIMIT_1B:-60} LAT=${LAT:-12} TRAIN_STEPS=${TRAIN_STEPS:-30}
+  LIMIT=${LIMIT:-120} LIMIT_1B=${LIMIT_1B:-60} LAT=${LAT:-12} TRAIN_STEPS=${TRAIN_STEPS:-640}
+  TRAIN_STEPS_1B=${TRAIN_STEPS_1B:-60}
   SIZES=${SIZES:-1,8,32,128} DECODE=${DECODE:-64} DTYPE=bf16 HF_SKIP=${HF_SKIP:-}
 else
   STEPS=${STEPS:-"270m"}
   LIMIT=${LIMIT:-12} LIMIT_1B=${LIMIT_1B:-4} LAT=${LAT:-3} TRAIN_STEPS=${TRAIN_STEPS:-3}
+  TRAIN_STEPS_1B=${TRAIN_STEPS_1B:-3}
   SIZES=${SIZES:-1,8} DECODE=${DECODE:-16} DTYPE=f32 HF_SKIP=${HF_SKIP:-train,bandwidth}
 fi
 # Training recipes of the reference: the issue's anchor (r 32 on q/k/v/o,
@@ -67,7 +71,7 @@ quiet() { grep --line-buffered -v -e '^Loading weights' -e '^Writing model shard
 
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "command: DEVICE=$DEVICE STEPS=\"$STEPS\" LIMIT=$LIMIT LIMIT_1B=$LIMIT_1B LAT=$LAT DECODE=$DECODE TRAIN_STEPS=$TRAIN_STEPS bash scripts/gpu/speed.sh"
+  echo "command: DEVICE=$DEVICE STEPS=\"$STEPS\" LIMIT=$LIMIT LIMIT_1B=$LIMIT_1B LAT=$LAT DECODE=$DECODE TRAIN_STEPS=$TRAIN_STEPS TRAIN_STEPS_1B=$TRAIN_STEPS_1B bash scripts/gpu/speed.sh"
   echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   echo "bot: $($BOT --version 2>&1 | head -n 1)"
   echo "cpu: $(nproc) threads, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
@@ -110,8 +114,8 @@ fi
 # ends the run right after the last timed step (no validation, evaluation or
 # adapter; the exit status is therefore non-zero).
 train_run() {
-  local name=$1 base=$2
-  shift 2
+  local name=$1 base=$2 steps=$3
+  shift 3
   rm -rf "$WORK/adapters/speed-$name" "$WORK/adapters/speed-$name.partial"
   local smi=""
   if [[ $DEVICE == cuda ]]; then
@@ -121,21 +125,21 @@ train_run() {
   fi
   $TRAIN --base-model "$base" --no-adapter --device "$DEVICE" --out-dir "$WORK/adapters" --name "speed-$name" \
     --current "$WORK/adapters/current" --no-promote --save-every 0 --eval-every 0 "${SHIPPED[@]}" "$@" \
-    --max-steps $((TRAIN_STEPS + 1)) --stop-after "$TRAIN_STEPS" > "$OUT/train_$name.txt" 2>&1 || true
+    --max-steps $((steps + 1)) --stop-after "$steps" > "$OUT/train_$name.txt" 2>&1 || true
   [[ -n $smi ]] && kill "$smi" 2>/dev/null || true
   grep -v '^\s*$' "$OUT/train_$name.txt" | grep -v 'train \[' | tail -n 4 || true
   cp "$WORK/adapters/speed-$name.partial/training_log.jsonl" "$OUT/train_$name.jsonl" 2>/dev/null || echo "no training log for $name"
 }
 if has train; then
   stamp "train: ours, 270M, shipped recipe, $TRAIN_STEPS steps"
-  train_run 270m "$MODEL"
+  train_run 270m "$MODEL" "$TRAIN_STEPS"
   if [[ ${TRAIN_AB:-0} == 1 ]]; then
-    stamp "train: ours, 270M, the shared prefix once per batch (--shared-prefix on), $TRAIN_STEPS steps"
-    train_run 270m-shared "$MODEL" --shared-prefix on
+    stamp "train: ours, 270M, eager steps (--graphs off), 60 steps"
+    train_run 270m-eager "$MODEL" 60 --graphs off
   fi
   if [[ -d $WORK/hf1b ]]; then
-    stamp "train: ours, 1B shape, shipped recipe, $TRAIN_STEPS steps"
-    train_run 1b "$WORK/hf1b"
+    stamp "train: ours, 1B shape, shipped recipe, $TRAIN_STEPS_1B steps"
+    train_run 1b "$WORK/hf1b" "$TRAIN_STEPS_1B"
   fi
 fi
 
@@ -213,8 +217,16 @@ def train_summary(name):
     m = re.search(r"train (\d+) rows", text)
     if m and s_per_step:
         res["rows"] = int(m.group(1))
-        res["steps_per_epoch"] = math.ceil(int(m.group(1)) / 8)
-        res["s_per_epoch"] = res["steps_per_epoch"] * s_per_step
+        spe = res["steps_per_epoch"] = math.ceil(int(m.group(1)) / 8)
+        res["s_per_epoch"] = spe * s_per_step
+        if rows[-1]["step"] >= spe and rows[0]["step"] == 1:
+            # A whole epoch was run: its time from the start of step 1 to the
+            # end of step `spe`, every capture included.
+            epoch = [r for r in rows if r["step"] <= spe]
+            span = epoch[-1]["elapsed_s"] - (epoch[0]["elapsed_s"] - epoch[0]["step_s"])
+            res["s_per_epoch"] = span
+            res["epoch_measured"] = True
+            res["epoch_tokens_per_s"] = sum(r["step_tokens"] for r in epoch) / span
     mem = os.path.join(out, f"train_{name}_gpu_mem.txt")
     if os.path.exists(mem):
         idle = float(open(os.path.join(out, f"train_{name}_gpu_idle.txt")).read().split()[0])
@@ -274,8 +286,10 @@ for size, label in [("270m", "Gemma-3-270M (Q4_K_M dequantized), shipped adapter
     row("  transformers, the issue's anchor: r 32 on q/k/v/o, 8 x 96 tokens (tokens/s)", None,
         get(anchor, "tokens_per_s"), lower=False)
     est = (tr or {}).get("steps_per_epoch")
-    row(f"one epoch of the shipped recipe (s; {est or '?'} steps; transformers: at its s/step)",
+    how = "measured, captures included" if get(tr, "epoch_measured") else "ours: at the steady s/step"
+    row(f"one epoch of the shipped recipe (s; {est or '?'} steps; {how}; transformers: at its s/step)",
         get(tr, "s_per_epoch"), est * shipped["s_per_step"] if est and shipped else None)
+    row("  ours: tokens/s over that whole epoch", get(tr, "epoch_tokens_per_s"), get(shipped, "tokens_per_s"), lower=False)
     row("peak GPU memory in training (GiB; ours: nvidia-smi over idle, transformers: torch reserved)",
         get(tr, "peak_gib"), get(shipped, "peak_reserved_gib"))
     agree = get(hf, "agreement")

@@ -2,6 +2,14 @@
 # On the GPU machine, after stage.sh (binaries in /tmp/bin): training checks.
 #   tiny   the tiny fixture, three steps without dropout on the host CPU
 #          (f32) and on CUDA (bf16): the losses must agree (bf16 tolerance);
+#   graphs the shipped recipe without dropout for GRAPH_STEPS steps on the
+#          default model: eager whole rows (`--graphs off --shared-prefix
+#          off`) and steps replayed from CUDA graphs, whole rows and with the
+#          shared prefix passed once: every step's loss must agree with the
+#          eager one (bf16 tolerance); and each run's speed;
+#   epoch  one whole epoch of the shipped recipe, replayed steps, for each
+#          --shared-prefix setting in EPOCH_SHARE (default "on off"): its
+#          time, every capture included, and tokens/s over it;
 #   speed  the shipped recipe on the default model (after run.sh assembled
 #          it) for SPEED_STEPS steps with `train` and, when OLD names another
 #          binary, with that one too: median seconds per step and tokens/s
@@ -62,6 +70,44 @@ worst = max(abs(x - y) / max(abs(x), 1e-6) for x, y in zip(a, b))
 print(f"tiny: cpu losses {[round(x, 4) for x in a]}, cuda {[round(y, 4) for y in b]}, "
       f"largest relative gap {worst:.4f} -> {'ok' if len(a) == len(b) == 3 and worst < 0.03 else 'MISMATCH'}")
 PY
+fi
+
+if [[ " $STEPS " == *" graphs "* ]]; then
+  n=${GRAPH_STEPS:-40}
+  run train eager "$n" --device cuda "${SHIPPED[@]}" --lora-dropout 0 --graphs off --shared-prefix off
+  for share in off on; do
+    run train "graphs-$share" "$n" --device cuda "${SHIPPED[@]}" --lora-dropout 0 --graphs on --shared-prefix "$share"
+  done
+  summary "$OUT/train_eager.jsonl" "$OUT/train_graphs-off.jsonl" "$OUT/train_graphs-on.jsonl"
+  for share in off on; do
+    python3 - "$OUT/train_graphs-$share.jsonl" "$OUT/train_eager.jsonl" "$share" <<'PY'
+import json, sys
+try:
+    a, b = ([json.loads(l)["loss"] for l in open(p)] for p in sys.argv[1:3])
+except OSError as e:
+    sys.exit(f"graphs: MISSING {e.filename}")
+gaps = [abs(x - y) / max(abs(y), 1e-6) for x, y in zip(a, b)]
+print(f"graphs, shared prefix {sys.argv[3]}: {len(a)} and {len(b)} steps, loss gap relative to eager: "
+      f"median {sorted(gaps)[len(gaps) // 2]:.4f}, largest {max(gaps):.4f} (step {gaps.index(max(gaps)) + 1}) -> "
+      f"{'ok' if len(a) == len(b) and max(gaps) < 0.05 else 'MISMATCH'}")
+PY
+  done
+fi
+
+if [[ " $STEPS " == *" epoch "* ]]; then
+  for share in ${EPOCH_SHARE:-on off}; do
+    run train "epoch-$share" "${EPOCH_STEPS:-637}" --device cuda "${SHIPPED[@]}" --graphs on --shared-prefix "$share"
+    grep -m1 -o 'train [0-9]* rows' "$OUT/train_epoch-$share.txt" || true
+    python3 - "$OUT/train_epoch-$share.jsonl" "$share" <<'PY'
+import json, sys
+rows = [json.loads(l) for l in open(sys.argv[1])]
+span = rows[-1]["elapsed_s"] - (rows[0]["elapsed_s"] - rows[0]["step_s"])
+tokens = sum(r["step_tokens"] for r in rows)
+later = sorted(r["step_s"] for r in rows[len(rows) // 4:])
+print(f"epoch, shared prefix {sys.argv[2]}: {len(rows)} steps in {span:.2f} s (captures included), "
+      f"{tokens / span:,.0f} tokens/s; median step {later[len(later) // 2] * 1000:.1f} ms after the first quarter")
+PY
+  done
 fi
 
 if [[ " $STEPS " == *" speed "* ]]; then

@@ -59,6 +59,16 @@ impl Cache {
         self.len() == 0
     }
 
+    /// Key columns held by the tensors (what [`Cache::len`] counts from the
+    /// recorded positions; a replayable pass records no positions).
+    pub fn kv_len(&self) -> usize {
+        self.kv
+            .iter()
+            .flatten()
+            .next()
+            .map_or(0, |(k, _)| k.dims().get(2).copied().unwrap_or(0))
+    }
+
     /// Applies `f` to every cached key and value tensor.
     fn map_kv(
         &self,
@@ -100,7 +110,8 @@ impl Cache {
     /// Repeats a batch-of-one cache (a shared prompt prefix) `n` times.
     ///
     /// One kernel per tensor (`fused::repeat_rows` on CUDA, a broadcast made
-    /// contiguous elsewhere): candle's `repeat` concatenates `n` copies, one
+    /// contiguous elsewhere, and when gradients flow through it): candle's
+    /// `repeat` concatenates `n` copies, one
     /// kernel each, which for 128 messages was 4,608 launches and most of a
     /// batched decision's time; candle's strided copy of the broadcast ran
     /// at about 130 GB/s on an H200. A copy is exact, so the kernel serves
@@ -111,7 +122,9 @@ impl Cache {
             if b != 1 {
                 candle_core::bail!("only a cache of one row can be repeated, this one has {b}");
             }
-            if super::fused::available(t.device(), t.dtype()) {
+            // The kernel records no gradient: a training pass that
+            // continues from the repeated keys and values broadcasts.
+            if super::fused::available(t.device(), t.dtype()) && !t.track_op() {
                 if let Some(r) = super::fused::repeat_rows(t, n)? {
                     return Ok(r);
                 }
@@ -545,9 +558,51 @@ impl StepInputs {
             );
         }
         cache.check_step(batch)?;
+        self.write(tokens, batch, &cache.columns)
+    }
+
+    /// Writes a pass over whole rows, or over rows that continue the
+    /// columns `past` of a growing [`Cache`] (one list per row, all of one
+    /// length; empty without a cache): a training step's passes. The
+    /// buffers' capacity must be the past columns plus their width. Same
+    /// rules as [`StepInputs::fill`].
+    pub fn fill_rows(
+        &mut self,
+        tokens: &[u32],
+        batch: &Batch,
+        past: &[Vec<Option<u32>>],
+    ) -> candle_core::Result<()> {
+        let (b, t, c) = (self.rows(), self.width(), self.capacity());
+        let p = past.first().map_or(0, Vec::len);
+        let ragged = past.iter().any(|r| r.len() != p) || !(past.is_empty() || past.len() == b);
+        if batch.rows.len() != b || batch.width() != t || tokens.len() != b * t || ragged {
+            candle_core::bail!(
+                "step inputs are {b}x{t}, got {} tokens and {}x{} positions after {} rows of past columns",
+                tokens.len(),
+                batch.rows.len(),
+                batch.width(),
+                past.len()
+            );
+        }
+        if c != p + t {
+            candle_core::bail!(
+                "step inputs over {c} columns cannot hold {p} past and {t} new ones"
+            );
+        }
+        self.write(tokens, batch, past)
+    }
+
+    /// Uploads the step after the columns `past` into the buffers.
+    fn write(
+        &mut self,
+        tokens: &[u32],
+        batch: &Batch,
+        past: &[Vec<Option<u32>>],
+    ) -> candle_core::Result<()> {
+        let (b, t, c) = (self.rows(), self.width(), self.capacity());
         let dev = self.tokens.device().clone();
         let dtype = self.mask_global.dtype();
-        let len = cache.len() as u32;
+        let len = past.first().map_or(0, Vec::len) as u32;
         // `slice_set` at offset 0 copies into the existing storage.
         self.tokens
             .slice_set(&Tensor::from_slice(tokens, (b, t), &dev)?, 0, 0)?;
@@ -555,7 +610,7 @@ impl StepInputs {
             .slice_set(&batch.position_tensor(&dev)?, 0, 0)?;
         self.columns
             .slice_set(&Tensor::arange(len, len + t as u32, &dev)?, 0, 0)?;
-        let (global, local) = build_masks(&cache.columns, batch, c, self.window, dtype, &dev)?;
+        let (global, local) = build_masks(past, batch, c, self.window, dtype, &dev)?;
         self.mask_global.slice_set(&global, 0, 0)?;
         if let (Some(buffer), Some(local)) = (&self.mask_local, local) {
             buffer.slice_set(&local, 0, 0)?;

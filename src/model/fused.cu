@@ -421,12 +421,17 @@ extern "C" __global__ void repeat_rows(const uint4 *src, uint4 *dst, const size_
 
 // Training: an inverted-dropout mask, keep[i] = 0 with probability p and
 // `scale` = 1 / (1 - p) otherwise, drawn from a counter-based hash of
-// (seed, i) (SplitMix64's finaliser; `linear::dropout_draw` is the same
-// function on the host, so every device drops the same elements).
-extern "C" __global__ void dropout_mask(float *keep, const size_t n, const unsigned long long seed,
-                                        const float p, const float scale) {
+// (stream, i) (SplitMix64's finaliser; `linear::dropout_draw` is the same
+// function on the host, so every device drops the same elements). The
+// stream is `salt`, xor-ed with `*seed` when `seed` is not null: a captured
+// training step reads its step's seed from device memory.
+extern "C" __global__ void dropout_mask(float *keep, const size_t n,
+                                        const unsigned long long *seed,
+                                        const unsigned long long salt, const float p,
+                                        const float scale) {
+    const unsigned long long stream = seed ? (*seed ^ salt) : salt;
     FOR_EACH_INDEX(i, n) {
-        unsigned long long z = seed + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ULL;
+        unsigned long long z = stream + (unsigned long long)(i + 1) * 0x9E3779B97F4A7C15ULL;
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
         z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
         z ^= z >> 31;
@@ -527,6 +532,54 @@ extern "C" __global__ void row_stats_final(const float *x, const int n, const in
             const float v = x[(size_t)row * n + token];
             prob[row] = sum > 0.0f ? expf(v - best) / sum : 0.0f;
         }
+    }
+}
+
+// Training's loss over the output head's logits `[rows, vocab]` (in the
+// compute dtype): per row the log-sum-exp and the weighted negative
+// log-likelihood of the row's target, w · (lse - logit[target]), all in
+// f32. One block per row, one pass: each thread keeps a running (max,
+// Σ exp(x - max)), merged over the block.
+template <typename T>
+__device__ void nll_rows(const T *logits, const uint32_t *targets, const float *weights,
+                         float *lse_out, float *loss_out, const int vocab) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    const T *x = logits + (size_t)row * vocab;
+    float m = -INFINITY, s = 0.0f;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) {
+        const float v = to_f(x[j]);
+        if (v > m) {
+            s = s * expf(m - v) + 1.0f;
+            m = v;
+        } else {
+            s += expf(v - m);
+        }
+    }
+    const float mx = block_max(m, scratch);
+    s = m == -INFINITY ? 0.0f : s * expf(m - mx);
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) {
+        const float lse = mx + logf(s);
+        lse_out[row] = lse;
+        loss_out[row] = weights[row] * (lse - to_f(x[targets[row]]));
+    }
+}
+
+// Its gradient: d/dlogit[row, j] = g · w[row] · (softmax_j - [j == target]),
+// written in T (what the head's backward matmul reads). `g` is the loss's
+// incoming gradient, read from the device.
+template <typename T>
+__device__ void nll_grad(const T *logits, const uint32_t *targets, const float *weights,
+                         const float *lse, const float *g, T *out, const int vocab) {
+    const int row = blockIdx.y;
+    const size_t base = (size_t)row * vocab;
+    const float scale = *g * weights[row], l = lse[row];
+    const int target = (int)targets[row];
+    for (int j = blockIdx.x * blockDim.x + threadIdx.x; j < vocab; j += gridDim.x * blockDim.x) {
+        float p = expf(to_f(logits[base + j]) - l);
+        if (j == target) p -= 1.0f;
+        out[base + j] = from_f<T>(scale * p);
     }
 }
 
@@ -690,6 +743,16 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
     extern "C" __global__ void gated_##SUFFIX(const T *gate, const T *up, T *out,               \
                                               const size_t n, const int act) {                   \
         gated<T>(gate, up, out, n, act);                                                         \
+    }                                                                                            \
+    extern "C" __global__ void nll_rows_##SUFFIX(const T *logits, const uint32_t *targets,      \
+                                                 const float *weights, float *lse, float *loss,  \
+                                                 const int vocab) {                              \
+        nll_rows<T>(logits, targets, weights, lse, loss, vocab);                                 \
+    }                                                                                            \
+    extern "C" __global__ void nll_grad_##SUFFIX(const T *logits, const uint32_t *targets,      \
+                                                 const float *weights, const float *lse,         \
+                                                 const float *g, T *out, const int vocab) {      \
+        nll_grad<T>(logits, targets, weights, lse, g, out, vocab);                               \
     }                                                                                            \
     SKINNY(T, SUFFIX, 1)                                                                         \
     SKINNY(T, SUFFIX, 2)                                                                         \

@@ -152,16 +152,19 @@ pub(crate) fn repeat_rows(t: &Tensor, n: usize) -> candle_core::Result<Option<Te
 }
 
 /// Training: an inverted-dropout mask of `shape` (f32), 0 with
-/// probability `p` and `1 / (1 - p)` otherwise, element `i` drawn from
-/// `seed` and `i` alone ([`super::linear::dropout_draw`] on the host draws
-/// the same), in one kernel.
+/// probability `p` and `1 / (1 - p)` otherwise, element `i` drawn from the
+/// stream and `i` alone ([`super::linear::dropout_draw`] on the host draws
+/// the same), in one kernel. The stream is `salt`, or `salt ^ seed[0]`
+/// with a `seed` buffer (one u64 as two u32, read when the kernel runs:
+/// what a captured step needs to draw new masks at every replay).
 pub(crate) fn dropout_mask(
     shape: (usize, usize),
     p: f64,
-    seed: u64,
+    seed: Option<&Tensor>,
+    salt: u64,
     device: &Device,
 ) -> candle_core::Result<Tensor> {
-    imp::dropout_mask(shape, p, seed, device)
+    imp::dropout_mask(shape, p, seed, salt, device)
 }
 
 /// Training: `base + (delta · scale · mul)` for `base` in the compute dtype
@@ -175,6 +178,31 @@ pub(crate) fn add_rounded(
     scale: f64,
 ) -> candle_core::Result<Tensor> {
     imp::add_rounded(base, delta, mul, scale)
+}
+
+/// Training's loss rows over the head's `logits` `[rows, vocab]` (compute
+/// dtype), `targets` `[rows]` u32 and `weights` `[rows]` f32: per row
+/// `w · (logsumexp - logit[target])` and the log-sum-exp itself (f32
+/// `[rows]` each; the backward pass reads the latter), in one kernel.
+pub(crate) fn nll_rows(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    imp::nll_rows(logits, targets, weights)
+}
+
+/// The gradient of the summed [`nll_rows`] for an incoming gradient `g`
+/// (f32, one element, read on the device): `g · w · (softmax - onehot)` in
+/// the logits' dtype, in one kernel.
+pub(crate) fn nll_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+    lse: &Tensor,
+    g: &Tensor,
+) -> candle_core::Result<Tensor> {
+    imp::nll_grad(logits, targets, weights, lse, g)
 }
 
 /// `act(gate) · up`, elementwise.
@@ -283,6 +311,7 @@ mod imp {
     pub(super) fn dropout_mask(
         _: (usize, usize),
         _: f64,
+        _: Option<&Tensor>,
         _: u64,
         _: &Device,
     ) -> candle_core::Result<Tensor> {
@@ -294,6 +323,24 @@ mod imp {
         _: &Tensor,
         _: Option<&Tensor>,
         _: f64,
+    ) -> candle_core::Result<Tensor> {
+        unavailable()
+    }
+
+    pub(super) fn nll_rows(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        unavailable()
+    }
+
+    pub(super) fn nll_grad(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
     ) -> candle_core::Result<Tensor> {
         unavailable()
     }
@@ -899,21 +946,31 @@ mod imp {
     pub(super) fn dropout_mask(
         shape: (usize, usize),
         p: f64,
-        seed: u64,
+        seed: Option<&Tensor>,
+        salt: u64,
         device: &Device,
     ) -> candle_core::Result<Tensor> {
         let Device::Cuda(dev) = device else {
             candle_core::bail!("the fused kernels take CUDA tensors");
         };
+        if let Some(s) = seed.filter(|s| s.dtype() != DType::U32 || s.elem_count() != 2) {
+            candle_core::bail!(
+                "a dropout seed buffer is two u32, got {:?} {:?}",
+                s.dtype(),
+                s.dims()
+            );
+        }
         let n = shape.0 * shape.1;
         let keep = uninit(dev, DType::F32, shape)?;
         if n == 0 {
             return Ok(keep);
         }
         let ptr = addr(&keep)?;
+        let seed = seed.map(addr).transpose()?.unwrap_or(0);
         let (p32, scale) = (p as f32, (1.0 / (1.0 - p)) as f32);
-        let args: [&dyn Arg; 5] = [&ptr, &n, &seed, &p32, &scale];
-        // SAFETY: `keep` holds the `n` f32 the kernel writes.
+        let args: [&dyn Arg; 6] = [&ptr, &n, &seed, &salt, &p32, &scale];
+        // SAFETY: `keep` holds the `n` f32 the kernel writes; a seed buffer
+        // holds the 8 bytes it reads (checked), a null one is not read.
         unsafe { launch_named(dev, "dropout_mask", elementwise(n), &args) }?;
         Ok(keep)
     }
@@ -956,6 +1013,127 @@ mod imp {
         // SAFETY: every buffer holds the `n` elements of `base`'s shape
         // (checked), contiguous; a null `mul` is skipped by the kernel.
         unsafe { launch(&dev, "add_rounded", dtype, elementwise(n), &args) }?;
+        Ok(out)
+    }
+
+    /// Checks the loss kernels' operands: logits `[rows, vocab]`, and per
+    /// row a u32 target below `vocab` (not checked: read on the device) and
+    /// an f32 weight.
+    fn nll_operands(
+        logits: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> candle_core::Result<(usize, usize)> {
+        let (rows, vocab) = logits.dims2()?;
+        if targets.dims() != [rows] || targets.dtype() != DType::U32 {
+            candle_core::bail!(
+                "the loss takes one u32 target per row of {rows}, got {:?} {:?}",
+                targets.dtype(),
+                targets.dims()
+            );
+        }
+        if weights.dims() != [rows] || weights.dtype() != DType::F32 {
+            candle_core::bail!(
+                "the loss takes one f32 weight per row of {rows}, got {:?} {:?}",
+                weights.dtype(),
+                weights.dims()
+            );
+        }
+        if vocab == 0 || vocab > i32::MAX as usize {
+            candle_core::bail!("the loss cannot take {vocab} logits per row");
+        }
+        Ok((rows, vocab))
+    }
+
+    pub(super) fn nll_rows(
+        logits: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let dev = cuda(logits)?;
+        let (rows, vocab) = nll_operands(logits, targets, weights)?;
+        let (logits, targets, weights) = (
+            logits.contiguous()?,
+            targets.contiguous()?,
+            weights.contiguous()?,
+        );
+        let lse = uninit(&dev, DType::F32, rows)?;
+        let loss = uninit(&dev, DType::F32, rows)?;
+        if rows == 0 {
+            return Ok((loss, lse));
+        }
+        let ptrs = [
+            addr(&logits)?,
+            addr(&targets)?,
+            addr(&weights)?,
+            addr(&lse)?,
+            addr(&loss)?,
+        ];
+        let vocab = vocab as i32;
+        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        args.push(&vocab);
+        let cfg = LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (1024, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: `logits` holds `rows · vocab` elements, `targets` and
+        // `weights` `rows` (checked; targets index inside a row, which the
+        // model's tokenizer guarantees); `lse` and `loss` `rows` f32.
+        unsafe { launch(&dev, "nll_rows", logits.dtype(), cfg, &args) }?;
+        Ok((loss, lse))
+    }
+
+    pub(super) fn nll_grad(
+        logits: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+        lse: &Tensor,
+        g: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let dev = cuda(logits)?;
+        let (rows, vocab) = nll_operands(logits, targets, weights)?;
+        if lse.dims() != [rows] || lse.dtype() != DType::F32 {
+            candle_core::bail!("the loss's backward takes its f32 log-sum-exp per row");
+        }
+        if g.elem_count() != 1 || g.dtype() != DType::F32 {
+            candle_core::bail!("the loss's backward takes one f32 incoming gradient");
+        }
+        let (logits, targets, weights, lse, g) = (
+            logits.contiguous()?,
+            targets.contiguous()?,
+            weights.contiguous()?,
+            lse.contiguous()?,
+            g.contiguous()?,
+        );
+        let out = uninit(&dev, logits.dtype(), (rows, vocab))?;
+        if rows == 0 {
+            return Ok(out);
+        }
+        let ptrs = [
+            addr(&logits)?,
+            addr(&targets)?,
+            addr(&weights)?,
+            addr(&lse)?,
+            addr(&g)?,
+            addr(&out)?,
+        ];
+        let vocab = vocab as i32;
+        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        args.push(&vocab);
+        let threads = 256usize;
+        let cfg = LaunchConfig {
+            grid_dim: (
+                (vocab as usize).div_ceil(threads * 8).clamp(1, 65_535) as u32,
+                rows as u32,
+                1,
+            ),
+            block_dim: (threads as u32, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: as in `nll_rows`; `out` holds `rows · vocab` elements,
+        // `lse` `rows` and `g` one (checked).
+        unsafe { launch(&dev, "nll_grad", logits.dtype(), cfg, &args) }?;
         Ok(out)
     }
 

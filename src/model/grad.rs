@@ -396,6 +396,52 @@ pub(crate) fn lora_linear(
     })
 }
 
+/// Training's loss: `Σ_i w_i · -log softmax(logits_i)[t_i]` over the
+/// head's `logits` `[n, vocab]` (any float dtype; f32 arithmetic), with
+/// `targets` `[n]` u32 and `weights` `[n]` f32 (say `1 / norm`, 0 for a
+/// padded slot); a scalar f32.
+///
+/// On CUDA one kernel computes each row's log-sum-exp and loss in one pass
+/// over the logits, and one kernel their gradient, `w · (softmax - onehot)`
+/// in the logits' dtype: candle's composed log-softmax, gather and their
+/// backward were about twenty passes over the `[n, 262k]` logits, a fifth of
+/// a training step's GPU time for Gemma-3-270M.
+pub(crate) fn weighted_nll(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> candle_core::Result<Tensor> {
+    let detached = logits.detach();
+    let (targets, weights) = (targets.detach(), weights.detach());
+    let fused = fused::available(logits.device(), logits.dtype());
+    let (rows, lse) = if fused {
+        fused::nll_rows(&detached, &targets, &weights)?
+    } else {
+        let x = detached.to_dtype(DType::F32)?;
+        let lse = x.log_sum_exp(D::Minus1)?;
+        let picked = x.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+        ((&lse - picked)?.mul(&weights)?, lse)
+    };
+    let loss = rows.sum_all()?;
+    let dtype = logits.dtype();
+    record("weighted-nll", &[logits], loss, move |g| {
+        let grad = if fused {
+            fused::nll_grad(&detached, &targets, &weights, &lse, g)?
+        } else {
+            let x = detached.to_dtype(DType::F32)?;
+            let p = x.broadcast_sub(&lse.unsqueeze(1)?)?.exp()?;
+            let vocab = x.dim(1)? as u32;
+            let onehot = Tensor::arange(0u32, vocab, x.device())?
+                .unsqueeze(0)?
+                .broadcast_eq(&targets.unsqueeze(1)?)?
+                .to_dtype(DType::F32)?;
+            let scale = weights.broadcast_mul(g)?.unsqueeze(1)?;
+            (p - onehot)?.broadcast_mul(&scale)?.to_dtype(dtype)?
+        };
+        Ok([Some(grad), None, None])
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,6 +624,26 @@ mod tests {
                 },
             );
         }
+    }
+
+    #[test]
+    fn weighted_nll_matches_log_softmax_and_gather() {
+        let targets = Tensor::new(&[3u32, 0, 6, 3], &Device::Cpu).unwrap();
+        let weights = Tensor::new(&[0.5f32, 1.0, 0.25, 0.0], &Device::Cpu).unwrap();
+        assert_same(
+            &[randn(20, &[4, 7]).affine(4.0, 0.0).unwrap()],
+            |t| weighted_nll(&t[0], &targets, &weights).unwrap(),
+            |t| {
+                let logp = candle_nn::ops::log_softmax(&t[0], D::Minus1).unwrap();
+                let picked = logp.gather(&targets.unsqueeze(1).unwrap(), 1).unwrap();
+                (picked.squeeze(1).unwrap() * &weights)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .neg()
+                    .unwrap()
+            },
+        );
     }
 
     #[test]

@@ -17,11 +17,113 @@
 //!
 //! On the CPU (and whenever a capture fails) the same step runs eagerly,
 //! so the CPU tests check every buffer and index the GPU replays.
+//!
+//! [`Replay`] is the capture-and-replay mechanism on its own, for any
+//! device work built the same way (a training step, an optimizer update).
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::cache::{Batch, StaticCache, StepInputs};
 use super::transformer::Decoder;
+
+/// Device work run eagerly once, then captured as a CUDA graph and
+/// replayed.
+///
+/// The work must be a pure function of buffers that outlive it: the same
+/// kernels on the same addresses every time, no host reads, no uploads of
+/// data (only of launch parameters, which candle's parameter cache serves
+/// from the warm-up's copies), and everything it allocates dropped before
+/// it returns or kept in those buffers. On the CPU, and after a failed
+/// capture (logged once), the work simply runs every time.
+pub struct Replay {
+    #[cfg(feature = "cuda")]
+    graph: Graph,
+}
+
+/// Capture state on CUDA.
+#[cfg(feature = "cuda")]
+enum Graph {
+    /// Not run yet: the first run warms up, then captures.
+    Pending,
+    Ready(SendGraph),
+    /// The capture failed once (logged): the work runs eagerly.
+    Eager,
+}
+
+/// A captured graph that may move to another thread (the router moves to
+/// its engine thread after loading).
+#[cfg(feature = "cuda")]
+struct SendGraph(candle_core::cuda_backend::cudarc::driver::CudaGraph);
+
+// SAFETY: CUDA graph objects are not internally synchronised, but they may
+// be used from any thread as long as calls are serialised; a `Replay` is
+// only run through `&mut`, so one thread at a time launches it, and the
+// graph holds an `Arc` of the stream it launches on.
+#[cfg(feature = "cuda")]
+unsafe impl Send for SendGraph {}
+
+impl Default for Replay {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Replay {
+    pub fn new() -> Self {
+        Self {
+            #[cfg(feature = "cuda")]
+            graph: Graph::Pending,
+        }
+    }
+
+    /// Whether runs launch a captured graph.
+    pub fn is_captured(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if let Graph::Ready(_) = self.graph {
+            return true;
+        }
+        false
+    }
+
+    /// Runs `body` on `device`: the first time on CUDA eagerly (its results
+    /// stand, and it warms the parameter cache up) and then once more as a
+    /// capture, which only records; later times by launching the graph.
+    /// `what` names the work in the log line of a failed capture.
+    pub fn run(
+        &mut self,
+        device: &Device,
+        what: &str,
+        body: impl Fn() -> candle_core::Result<()>,
+    ) -> candle_core::Result<()> {
+        // Kernel dims/strides come from candle's parameter cache, which the
+        // eager warm-up fills and a capture requires.
+        let _params = crate::device::cached_launch_params(device);
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(cuda) = device {
+            match &self.graph {
+                Graph::Ready(graph) => {
+                    return graph
+                        .0
+                        .launch()
+                        .map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e:?}")));
+                }
+                Graph::Eager => return body(),
+                Graph::Pending => {}
+            }
+            body()?;
+            self.graph = match capture(cuda, &body) {
+                Ok(graph) => Graph::Ready(SendGraph(graph)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "CUDA graph capture failed; {what} runs eagerly");
+                    Graph::Eager
+                }
+            };
+            return Ok(());
+        }
+        let _ = what;
+        body()
+    }
+}
 
 /// One step shape (rows, width, capacity, scored columns) with its buffers
 /// and, on CUDA, its captured graph.
@@ -32,31 +134,8 @@ pub struct GraphStep {
     scored: Tensor,
     /// `[scored, vocab]` f32, written by every run.
     logits: Tensor,
-    #[cfg(feature = "cuda")]
-    graph: Graph,
+    replay: Replay,
 }
-
-/// Capture state of a step on CUDA.
-#[cfg(feature = "cuda")]
-enum Graph {
-    /// Not run yet: the first run warms up, then captures.
-    Pending,
-    Ready(SendGraph),
-    /// The capture failed once (logged): this shape runs eagerly.
-    Eager,
-}
-
-/// A captured graph that may move to another thread (the router moves to
-/// its engine thread after loading).
-#[cfg(feature = "cuda")]
-struct SendGraph(candle_core::cuda_backend::cudarc::driver::CudaGraph);
-
-// SAFETY: CUDA graph objects are not internally synchronised, but they may
-// be used from any thread as long as calls are serialised; a `GraphStep` is
-// only reached through `&mut`, so one thread at a time launches it, and the
-// graph holds an `Arc` of the stream it launches on.
-#[cfg(feature = "cuda")]
-unsafe impl Send for SendGraph {}
 
 impl GraphStep {
     /// Buffers for steps of `rows` x `width` columns over a static cache of
@@ -76,18 +155,13 @@ impl GraphStep {
             inputs: dec.step_inputs(rows, width, capacity)?,
             scored: Tensor::zeros(scored, DType::U32, dev)?,
             logits: Tensor::zeros((scored, dec.vocab_size()?), DType::F32, dev)?,
-            #[cfg(feature = "cuda")]
-            graph: Graph::Pending,
+            replay: Replay::new(),
         })
     }
 
     /// Whether this step replays a captured graph.
     pub fn is_captured(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        if let Graph::Ready(_) = self.graph {
-            return true;
-        }
-        false
+        self.replay.is_captured()
     }
 
     /// Runs one step: `tokens` (row-major, `rows * width`) at the columns
@@ -120,14 +194,15 @@ impl GraphStep {
         let dev = self.scored.device().clone();
         self.scored
             .slice_set(&Tensor::from_vec(padded, room, &dev)?, 0, 0)?;
-        // Kernel dims/strides come from candle's parameter cache, which the
-        // eager warm-up fills and a capture requires.
-        let _params = crate::device::cached_launch_params(&dev);
-        match &dev {
-            #[cfg(feature = "cuda")]
-            candle_core::Device::Cuda(cuda) => self.run_cuda(dec, cache, cuda)?,
-            _ => self.body(dec, cache)?,
-        }
+        let Self {
+            inputs,
+            scored: columns,
+            logits,
+            replay,
+        } = self;
+        replay.run(&dev, "this step shape", || {
+            Self::body(dec, cache, inputs, columns, logits)
+        })?;
         // A copy: the buffer is overwritten by the next run.
         self.logits.narrow(0, 0, scored.len())?.copy()
     }
@@ -135,45 +210,17 @@ impl GraphStep {
     /// The step itself: everything a capture records. Every tensor it
     /// makes is dropped before it returns, so a graph frees what it
     /// allocates.
-    fn body(&self, dec: &Decoder, cache: &StaticCache) -> candle_core::Result<()> {
-        let hidden = dec.forward_static(&self.inputs, cache)?;
-        let (b, t, h) = hidden.dims3()?;
-        let picked = hidden.reshape((b * t, h))?.index_select(&self.scored, 0)?;
-        self.logits.slice_set(&dec.logits(&picked)?, 0, 0)
-    }
-
-    #[cfg(feature = "cuda")]
-    fn run_cuda(
-        &mut self,
+    fn body(
         dec: &Decoder,
         cache: &StaticCache,
-        cuda: &candle_core::CudaDevice,
+        inputs: &StepInputs,
+        scored: &Tensor,
+        logits: &Tensor,
     ) -> candle_core::Result<()> {
-        if let Graph::Pending = self.graph {
-            // The eager run is this step (its outputs stand) and the warm-up
-            // the capture needs; the capture only records.
-            self.body(dec, cache)?;
-            self.graph = match capture(cuda, || self.body(dec, cache)) {
-                Ok(graph) => Graph::Ready(SendGraph(graph)),
-                Err(e) => {
-                    tracing::warn!(
-                        error = %e,
-                        rows = self.inputs.rows(),
-                        width = self.inputs.width(),
-                        "CUDA graph capture failed; this step shape runs eagerly"
-                    );
-                    Graph::Eager
-                }
-            };
-            return Ok(());
-        }
-        match &self.graph {
-            Graph::Ready(graph) => graph
-                .0
-                .launch()
-                .map_err(|e| candle_core::Error::Msg(format!("CUDA graph launch: {e:?}"))),
-            _ => self.body(dec, cache),
-        }
+        let hidden = dec.forward_static(inputs, cache)?;
+        let (b, t, h) = hidden.dims3()?;
+        let picked = hidden.reshape((b * t, h))?.index_select(scored, 0)?;
+        logits.slice_set(&dec.logits(&picked)?, 0, 0)
     }
 }
 

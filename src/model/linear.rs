@@ -34,9 +34,17 @@ pub enum Mode<'a> {
 /// candle's CPU generator cannot be seeded). Each mask draws the next
 /// stream, so a step is reproducible from its seed alone and two trainings
 /// never share a generator.
+///
+/// A step captured as a CUDA graph replays its kernels with the arguments
+/// they were captured with; such a step's generator reads the seed from a
+/// device buffer instead ([`Dropout::with_seed_buffer`]), which the trainer
+/// rewrites before every replay.
 #[derive(Debug)]
 pub struct Dropout {
     seed: u64,
+    /// `seed` on the device (a u64 as two u32), read by the CUDA kernel
+    /// when it runs.
+    buffer: Option<Tensor>,
     /// Masks drawn so far (a `Cell`: the forward pass only borrows the model).
     calls: Cell<u64>,
 }
@@ -46,8 +54,25 @@ impl Dropout {
     pub fn new(seed: u64) -> Self {
         Self {
             seed,
+            buffer: None,
             calls: Cell::new(0),
         }
+    }
+
+    /// The generator of one step whose seed also lies in `buffer` (two u32,
+    /// low word first: [`Dropout::seed_words`]); CUDA masks read it from
+    /// there when their kernel runs, host masks use `seed`. Both draw the
+    /// same masks as [`Dropout::new`] with the same seed.
+    pub fn with_seed_buffer(seed: u64, buffer: &Tensor) -> Self {
+        Self {
+            buffer: Some(buffer.clone()),
+            ..Self::new(seed)
+        }
+    }
+
+    /// `seed` as the two u32 words a seed buffer holds.
+    pub fn seed_words(seed: u64) -> [u32; 2] {
+        [seed as u32, (seed >> 32) as u32]
     }
 
     /// An inverted-dropout mask of `shape` (f32): each element is 0 with
@@ -60,10 +85,14 @@ impl Dropout {
     ) -> candle_core::Result<Tensor> {
         let call = self.calls.get();
         self.calls.set(call + 1);
-        let stream = self.seed ^ call.wrapping_mul(0xA24B_AED4_963E_E407);
+        let salt = call.wrapping_mul(0xA24B_AED4_963E_E407);
         if fused::available(device, DType::F32) {
-            return fused::dropout_mask(shape, p, stream, device);
+            return match &self.buffer {
+                Some(seed) => fused::dropout_mask(shape, p, Some(seed), salt, device),
+                None => fused::dropout_mask(shape, p, None, self.seed ^ salt, device),
+            };
         }
+        let stream = self.seed ^ salt;
         let (p, keep) = (p as f32, (1.0 / (1.0 - p)) as f32);
         let mask: Vec<f32> = (0..(shape.0 * shape.1) as u64)
             .map(|i| {

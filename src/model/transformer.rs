@@ -814,6 +814,48 @@ impl Decoder {
         self.stack(inputs.tokens(), inputs.positions(), &masks, kv, Mode::Infer)
     }
 
+    /// A pass over rows, reading tokens, positions and masks from `inputs`
+    /// (filled by [`StepInputs::fill_rows`]): the replayable form of
+    /// [`Decoder::forward_hidden`], in either mode (a training step
+    /// captured as a CUDA graph is one or two of these). With a `cache` the
+    /// pass appends its keys and values to it and attends to what it held;
+    /// it records no positions there (the masks come from `inputs`), so
+    /// such a cache serves further `forward_rows` passes only.
+    pub fn forward_rows(
+        &self,
+        inputs: &StepInputs,
+        cache: Option<&mut Cache>,
+        mode: Mode,
+    ) -> candle_core::Result<Tensor> {
+        let past = cache.as_ref().map_or(0, |c| c.kv_len());
+        if inputs.capacity() != past + inputs.width() {
+            candle_core::bail!(
+                "step inputs over {} columns do not fit {past} cached and {} new ones",
+                inputs.capacity(),
+                inputs.width()
+            );
+        }
+        if inputs.mask_local().is_some() != local_window(&self.cfg).is_some() {
+            candle_core::bail!("the step inputs were built for a model with other sliding layers");
+        }
+        let masks = Masks {
+            global: inputs.mask_global(),
+            local: inputs.mask_local(),
+        };
+        let (tokens, positions) = (inputs.tokens(), inputs.positions());
+        match cache {
+            Some(c) => {
+                c.kv.resize(self.layers.len(), None);
+                let kv = c.kv.iter_mut().map(Kv::Growing);
+                self.stack(tokens, positions, &masks, kv, mode)
+            }
+            None => {
+                let kv = std::iter::repeat_with(|| Kv::None);
+                self.stack(tokens, positions, &masks, kv, mode)
+            }
+        }
+    }
+
     /// A [`StaticCache`] in this decoder's shapes, dtype and device.
     pub fn static_cache(&self, rows: usize, capacity: usize) -> candle_core::Result<StaticCache> {
         StaticCache::new(&self.cfg, rows, capacity, self.dtype, &self.device)
@@ -932,6 +974,26 @@ impl Decoder {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
         }
+    }
+
+    /// Training's loss at answer columns: `Σ_i w_i · -log p(t_i)` for
+    /// hidden states `[n, hidden]`, `targets` `[n]` u32 and `weights` `[n]`
+    /// f32, a scalar f32 recorded for the backward pass. The head's logits
+    /// stay in the compute dtype (never the Q8_0 copy, which has no
+    /// backward) and go straight into one loss node.
+    pub fn answer_loss(
+        &self,
+        hidden: &Tensor,
+        targets: &Tensor,
+        weights: &Tensor,
+    ) -> candle_core::Result<Tensor> {
+        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
+        let logits = head_matmul(hidden, head)?;
+        let logits = match self.cfg.final_logit_softcapping {
+            Some(cap) => ((logits.to_dtype(DType::F32)? / cap)?.tanh()? * cap)?,
+            None => logits,
+        };
+        grad::weighted_nll(&logits, targets, weights)
     }
 
     /// The greedy choice in each row of f32 `logits` `[N, vocab]`: the

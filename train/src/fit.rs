@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{Device, Tensor, D};
+use candle_core::Device;
 use clap::Args;
 use router::cli::Toggle;
 use router::dataset::{read_merged, Example};
 use router::lora::{self, Adapter, LoraConfig};
-use router::model::{dense_batch, Batch, Cache, Decoder, Dropout, Mode};
+use router::model::{Decoder, Dropout, Mode};
 use router::prompt::PromptFormat;
 use router::prompt::{parse_reply, Reply};
 use router::rng::SplitMix64;
@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::eval::{evaluate, print_report, Report};
 use crate::optim::{learning_rate, AdamW, AdamWConfig};
 use crate::progress_bar;
+use crate::step::{batch_loss, ReplayedSteps, Tokenized};
 
 /// Options of a training run (the original project's defaults).
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
@@ -107,6 +108,14 @@ pub struct FitArgs {
     #[arg(long, value_enum, default_value_t = Toggle::Auto)]
     #[serde(default)]
     pub shared_prefix: Toggle,
+    /// Run each step shape's forward and backward passes, and the optimizer
+    /// update, from CUDA graphs captured once (`auto`: on CUDA). Steps are
+    /// padded to a few shapes (widths rounded up to 32 columns); the loss
+    /// and gradients are the eager ones. Eager steps only pass the shared
+    /// prefix once.
+    #[arg(long, value_enum, default_value_t = Toggle::Auto)]
+    #[serde(default)]
+    pub graphs: Toggle,
     /// Group rows of similar length into each step (less padding; the
     /// steps' order stays random). Off by default: on the dev CPU it did not
     /// change tokens/s once the shared prefix is passed once (109 both).
@@ -146,12 +155,6 @@ pub struct FitArgs {
     /// Simulate an interruption after N steps (tests of --resume).
     #[arg(long, hide = true)]
     pub stop_after: Option<usize>,
-}
-
-/// A tokenized example.
-struct Tokenized {
-    ids: Vec<u32>,
-    labels: Vec<bool>,
 }
 
 /// What a checkpoint needs to continue.
@@ -323,101 +326,10 @@ fn keep_first_labels(labels: &mut [bool], n: usize) {
     }
 }
 
-/// How many leading tokens every row of `batch` shares and no loss position
-/// needs (0 when sharing would not pay): the system prefix, as a rule.
-fn shared_prefix_len(batch: &[&Tokenized]) -> usize {
-    let [first, rest @ ..] = batch else { return 0 };
-    if rest.is_empty() {
-        return 0;
-    }
-    let mut len = first.ids.len();
-    for row in rest {
-        len = len.min(
-            first
-                .ids
-                .iter()
-                .zip(&row.ids)
-                .take_while(|(a, b)| a == b)
-                .count(),
-        );
-    }
-    // The position that predicts a row's first answer token, and at least
-    // one token of every row, stay in the per-row pass.
-    for row in batch {
-        let first_label = row.labels.iter().position(|&l| l).unwrap_or(row.ids.len());
-        len = len
-            .min(first_label.saturating_sub(1))
-            .min(row.ids.len().saturating_sub(1));
-    }
-    if len < MIN_SHARED_PREFIX {
-        0
-    } else {
-        len
-    }
-}
-
-/// Below this many shared tokens the extra pass is not worth it.
-const MIN_SHARED_PREFIX: usize = 8;
-
 /// Whether a training step on `device` passes the rows' shared prefix once
 /// (`--shared-prefix`; `auto`: on the CPU only).
 fn passes_shared_prefix(setting: Toggle, device: &Device) -> bool {
     setting.is_on(device.is_cpu())
-}
-
-/// Sum of the answer tokens' negative log-likelihood, divided by `norm`,
-/// and the number of answer tokens.
-///
-/// The leading tokens every row shares (the system prefix, most of each
-/// row) go through the model once, batch of one, and the rows continue from
-/// its keys and values; gradients flow back through the shared pass. The
-/// result equals running every row in full.
-fn batch_loss(
-    dec: &Decoder,
-    batch: &[&Tokenized],
-    norm: f64,
-    mode: Mode,
-    share: bool,
-) -> Result<(Tensor, usize)> {
-    let dev = &dec.device;
-    let start = if share { shared_prefix_len(batch) } else { 0 };
-    let mut cache = None;
-    if start > 0 {
-        let mut shared = Cache::default();
-        let t = Tensor::from_vec(batch[0].ids[..start].to_vec(), (1, start), dev)?;
-        dec.forward_hidden(&t, &dense_batch(1, 0, start), Some(&mut shared), mode)?;
-        cache = Some(shared.repeat(batch.len())?);
-    }
-    let t = batch.iter().map(|b| b.ids.len() - start).max().unwrap_or(1);
-    let mut tokens = Vec::with_capacity(batch.len() * t);
-    let mut rows = Vec::with_capacity(batch.len());
-    let (mut idx, mut targets) = (Vec::new(), Vec::new());
-    for (b, ex) in batch.iter().enumerate() {
-        let own = ex.ids.len() - start;
-        tokens.extend_from_slice(&ex.ids[start..]);
-        tokens.extend(std::iter::repeat_n(0, t - own));
-        rows.push(
-            (0..t)
-                .map(|i| (i < own).then_some((start + i) as u32))
-                .collect(),
-        );
-        for i in start..ex.ids.len() - 1 {
-            if ex.labels[i + 1] {
-                idx.push((b * t + i - start) as u32);
-                targets.push(ex.ids[i + 1]);
-            }
-        }
-    }
-    let tokens = Tensor::from_vec(tokens, (batch.len(), t), dev)?;
-    let hidden = dec.forward_hidden(&tokens, &Batch { rows }, cache.as_mut(), mode)?;
-    let h = hidden.reshape((batch.len() * t, ()))?;
-    let n = idx.len();
-    let picked = h.index_select(&Tensor::from_vec(idx, n, dev)?, 0)?;
-    let logits = dec.logits(&picked)?;
-    let logp = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    let targets = Tensor::from_vec(targets, (n, 1), dev)?;
-    let nll = (logp.gather(&targets, 1)?.sum_all()?.neg()? / norm)?;
-    Ok((nll, n))
 }
 
 fn validation_loss(dec: &Decoder, val: &[Tokenized], batch: usize) -> Result<f64> {
@@ -765,6 +677,15 @@ fn train_loop(
     let mut tokens_seen = 0usize;
     let loop_started = Instant::now();
     let share_prefix = passes_shared_prefix(args.shared_prefix, &device);
+    let mut replayed = if args.graphs.is_on(device.is_cuda()) {
+        opt.set_graphs(true);
+        Some(ReplayedSteps::new(
+            &router.base().decoder,
+            args.batch_size.max(1),
+        )?)
+    } else {
+        None
+    };
     // This epoch's order of the training rows (reshuffled once per epoch).
     let lengths: Vec<usize> = train.iter().map(|t| t.ids.len()).collect();
     let mut epoch_order: Option<(usize, Vec<usize>)> = None;
@@ -784,38 +705,35 @@ fn train_loop(
             .iter()
             .map(|&i| &train[i])
             .collect();
-        let label_tokens: usize = picked
-            .iter()
-            .map(|t| t.labels.iter().skip(1).filter(|l| **l).count())
-            .sum();
+        let label_tokens: usize = picked.iter().map(|t| t.answer_tokens()).sum();
         let step_tokens: usize = picked.iter().map(|t| t.ids.len()).sum();
         let step_started = Instant::now();
-        // This step's dropout masks: reproducible from the seed and the step.
-        let dropout = Dropout::new(args.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let lr = learning_rate(step, total, warmup, args.lr);
         let dec = &router.base().decoder;
-        let vars = opt.vars();
-        let mut grads: Vec<Tensor> = Vec::new();
+        let norm = label_tokens.max(1) as f64;
         let mut loss_sum = 0f64;
-        for micro in picked.chunks(args.batch_size.max(1)) {
-            let norm = label_tokens.max(1) as f64;
-            let (loss, _) = batch_loss(dec, micro, norm, Mode::Train(&dropout), share_prefix)?;
-            loss_sum += loss.to_scalar::<f32>()? as f64;
-            let store = loss.backward()?;
-            for (i, v) in vars.iter().enumerate() {
-                let g = store
-                    .get(v.as_tensor())
-                    .with_context(|| format!("no gradient for LoRA variable {i}"))?
-                    .clone();
-                if grads.len() <= i {
-                    grads.push(g);
-                } else {
-                    grads[i] = (&grads[i] + g)?;
+        for (k, micro) in picked.chunks(args.batch_size.max(1)).enumerate() {
+            // This pass's dropout masks: reproducible from the seed, the
+            // step and the micro-batch.
+            let seed = args
+                .seed
+                .wrapping_mul(1_000_003)
+                .wrapping_add(step as u64)
+                .wrapping_add((k as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let accumulate = k > 0;
+            loss_sum += match replayed.as_mut() {
+                Some(steps) => steps.run(dec, micro, norm, seed, accumulate, share_prefix, opt)?,
+                None => {
+                    let dropout = Dropout::new(seed);
+                    let mode = Mode::Train(&dropout);
+                    let (loss, _) = batch_loss(dec, micro, norm, mode, share_prefix)?;
+                    opt.store_grads(&loss.backward()?, accumulate)?;
+                    loss.to_scalar::<f32>()? as f64
                 }
-            }
+            };
             tokens_seen += micro.iter().map(|t| t.ids.len()).sum::<usize>();
         }
-        let grad_norm = opt.update(&grads, lr, args.max_grad_norm)?;
+        let grad_norm = opt.step(lr, args.max_grad_norm)?;
         let elapsed = loop_started.elapsed().as_secs_f64();
         let tps = tokens_seen as f64 / elapsed.max(1e-9);
         bar.inc(1);
@@ -856,6 +774,9 @@ fn train_loop(
         }
     }
     bar.finish_and_clear();
+    if let Some(steps) = &replayed {
+        tracing::info!(shapes = steps.shapes(), "replayed training steps");
+    }
     run.log.flush()?;
     Ok(())
 }
@@ -1024,13 +945,6 @@ fn evaluate_and_promote(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_common as common;
-
-    fn row(prefix: &[u32], own: &[u32], answer_from: usize) -> Tokenized {
-        let ids: Vec<u32> = prefix.iter().chain(own).copied().collect();
-        let labels = (0..ids.len()).map(|i| i >= answer_from).collect();
-        Tokenized { ids, labels }
-    }
 
     #[test]
     fn the_shared_prefix_is_passed_once_on_the_cpu_unless_told_otherwise() {
@@ -1042,98 +956,6 @@ mod tests {
             serde_json::to_value(Toggle::Auto).unwrap(),
             serde_json::json!("auto")
         );
-    }
-
-    #[test]
-    fn a_shared_prefix_gives_the_loss_and_gradients_of_whole_rows() {
-        use router::model::Architecture;
-        let cfg = common::tiny_config(Architecture::Gemma3);
-        let mut dec = common::random_decoder(&cfg, 7, &Device::Cpu);
-        let all = LoraConfig::new(4, 8.0, 0.0, &common::PROJECTIONS);
-        lora::init(&mut dec, &all, 3).unwrap();
-        let mut rng = SplitMix64(5);
-        for var in dec.lora_vars() {
-            let shape = var.as_tensor().shape().clone();
-            let v: Vec<f32> = (0..shape.elem_count())
-                .map(|_| (rng.next_f64() as f32 - 0.5) * 0.5)
-                .collect();
-            var.set(&Tensor::from_vec(v, shape, &Device::Cpu).unwrap())
-                .unwrap();
-        }
-        // Ten shared tokens (longer than the tiny sliding window of 4), then
-        // rows of different lengths with answers at their ends.
-        let prefix: Vec<u32> = (0..10).map(|i| (i * 13 + 3) % 97).collect();
-        let rows = [
-            row(&prefix, &[40, 41, 42], 11),
-            row(&prefix, &[50, 51, 52, 53, 54, 55], 13),
-            row(&prefix, &[60, 61, 62, 63, 64, 65, 66, 67, 68], 12),
-        ];
-        let refs: Vec<&Tokenized> = rows.iter().collect();
-        // The position predicting the earliest answer (11) stays per row.
-        assert_eq!(shared_prefix_len(&refs), 10);
-        assert_eq!(shared_prefix_len(&refs[..1]), 0);
-
-        let dropout = Dropout::new(0);
-        let mode = Mode::Train(&dropout);
-        let (shared, n) = batch_loss(&dec, &refs, 1.0, mode, true).unwrap();
-        let mut whole = Tensor::zeros((), candle_core::DType::F32, &Device::Cpu).unwrap();
-        let mut count = 0;
-        for r in &refs {
-            let (loss, k) = batch_loss(&dec, std::slice::from_ref(r), 1.0, mode, true).unwrap();
-            whole = (whole + loss).unwrap();
-            count += k;
-        }
-        assert_eq!(n, count);
-        let (a, b) = (
-            shared.to_scalar::<f32>().unwrap(),
-            whole.to_scalar::<f32>().unwrap(),
-        );
-        assert!((a - b).abs() < 1e-4 * b.abs(), "{a} vs {b}");
-        let (ga, gb) = (shared.backward().unwrap(), whole.backward().unwrap());
-        for var in dec.lora_vars() {
-            let (x, y) = (ga.get(&var).unwrap(), gb.get(&var).unwrap());
-            let scale = common::max_abs(y);
-            assert!(scale > 0.0);
-            assert!(common::max_diff(x, y) < 1e-4 * scale.max(1.0));
-        }
-    }
-
-    /// Regression: with CPU Q8_0 copies on, a step of at most
-    /// `Q8_HEAD_MAX_ROWS` answer tokens took the output head's Q8_0 path,
-    /// which records no backward, so no LoRA variable got a gradient ("no
-    /// gradient for LoRA variable 0" on the CPU only).
-    #[test]
-    fn a_short_step_with_cpu_q8_copies_gives_every_lora_variable_a_gradient() {
-        use router::model::Architecture;
-        let cfg = common::tiny_config(Architecture::Gemma3);
-        let mut dec = common::random_decoder(&cfg, 7, &Device::Cpu);
-        dec.set_cpu_quantized(true).unwrap();
-        assert!(dec.is_cpu_quantized());
-        lora::init(
-            &mut dec,
-            &LoraConfig::new(4, 8.0, 0.0, &["q_proj", "v_proj"]),
-            3,
-        )
-        .unwrap();
-        // B starts at zero, which leaves A without a gradient: set them all.
-        for var in dec.lora_vars() {
-            let shape = var.as_tensor().shape().clone();
-            var.set(&Tensor::full(0.1f32, shape, &Device::Cpu).unwrap())
-                .unwrap();
-        }
-        // Six tokens, two of them answers: fewer rows than either Q8 bound.
-        let rows = [row(&[], &[5, 9, 14, 20, 33, 41], 4)];
-        let refs: Vec<&Tokenized> = rows.iter().collect();
-        let dropout = Dropout::new(0);
-        let (loss, n) = batch_loss(&dec, &refs, 1.0, Mode::Train(&dropout), true).unwrap();
-        assert_eq!(n, 2);
-        let grads = loss.backward().unwrap();
-        for (i, var) in dec.lora_vars().iter().enumerate() {
-            let g = grads
-                .get(var)
-                .unwrap_or_else(|| panic!("no gradient for LoRA variable {i}"));
-            assert!(common::max_abs(g) > 0.0, "variable {i}: zero gradient");
-        }
     }
 
     #[test]

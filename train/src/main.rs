@@ -7,6 +7,7 @@ mod eval;
 mod expand;
 mod fit;
 mod optim;
+mod step;
 /// The workspace's one home of test helpers (tiny configs, random weights).
 #[cfg(test)]
 #[path = "../../tests/common/mod.rs"]

@@ -6,7 +6,9 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{Context, Result};
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
+use router::model::Replay;
 
 /// Hyper-parameters (PyTorch's defaults for the betas and epsilon).
 #[derive(Debug, Clone, Copy)]
@@ -34,18 +36,33 @@ impl Default for AdamWConfig {
 /// updated together as one stacked tensor: an update costs a few kernels per
 /// shape instead of per variable, which on a GPU is most of its time (252
 /// variables for r 16 on all projections of Gemma-3-270M, 14 shapes).
+///
+/// Gradients go into stacked buffers first ([`AdamW::store_grads`]), and
+/// an update ([`AdamW::step`]) reads every value that changes from step to
+/// step (learning rate, bias corrections) from a device buffer, so that on
+/// CUDA the update is captured once as a graph and replayed
+/// ([`AdamW::set_graphs`]); both are device work only.
 pub struct AdamW {
     vars: Vec<Var>,
     groups: Vec<Group>,
     /// Updates applied so far (bias correction uses it).
     pub step: usize,
     cfg: AdamWConfig,
+    /// `[lr / bc1, 1 - lr · weight_decay, 1 / bc2, max_norm]` (f32) of the
+    /// next update, written before it.
+    hyper: Tensor,
+    /// The last update's gradient norm `[1]` (f32).
+    norm: Tensor,
+    /// The update as a CUDA graph, when asked for.
+    replay: Option<Replay>,
 }
 
-/// The variables of one shape and their moments, stacked `[n, ...shape]`.
+/// The variables of one shape, their gradients and moments, stacked `[n,
+/// ...shape]`.
 struct Group {
     /// Indices into `AdamW::vars`, in order.
     members: Vec<usize>,
+    grads: Tensor,
     m: Tensor,
     v: Tensor,
 }
@@ -59,17 +76,18 @@ impl AdamW {
                 None => by_shape.push((var.shape().clone(), vec![i])),
             }
         }
+        let dev = vars.first().map_or(Device::Cpu, |v| v.device().clone());
         let groups = by_shape
             .into_iter()
             .map(|(shape, members)| {
                 let mut dims = vec![members.len()];
                 dims.extend_from_slice(shape.dims());
-                let dev = vars[members[0]].device();
-                let zeros = Tensor::zeros(dims, DType::F32, dev)?;
+                let zeros = || Tensor::zeros(dims.as_slice(), DType::F32, &dev);
                 Ok(Group {
                     members,
-                    m: zeros.clone(),
-                    v: zeros,
+                    grads: zeros()?,
+                    m: zeros()?,
+                    v: zeros()?,
                 })
             })
             .collect::<Result<_>>()?;
@@ -78,18 +96,57 @@ impl AdamW {
             groups,
             step: 0,
             cfg,
+            hyper: Tensor::zeros(4, DType::F32, &dev)?,
+            norm: Tensor::zeros(1, DType::F32, &dev)?,
+            replay: None,
         })
     }
 
-    /// The variables it updates, in the order `update` expects gradients.
-    pub fn vars(&self) -> &[Var] {
-        &self.vars
+    /// Whether updates on CUDA are captured once and replayed.
+    pub fn set_graphs(&mut self, on: bool) {
+        self.replay = on.then(Replay::new);
     }
 
-    /// One update with gradients `grads[i]` for `vars[i]` at learning rate
-    /// `lr`, after scaling the gradients so that their global L2 norm is at
-    /// most `max_norm` (0: no clipping). Returns the norm before clipping,
-    /// the update's only read-back to the host.
+    /// Writes every variable's gradient from `store` into the stacked
+    /// buffers, or adds it to what they hold (`accumulate`: the second and
+    /// later micro-batches of a step). Device work only, in place: a
+    /// captured training step may end with it.
+    pub fn store_grads(&self, store: &GradStore, accumulate: bool) -> candle_core::Result<()> {
+        for group in &self.groups {
+            for (j, &i) in group.members.iter().enumerate() {
+                let Some(g) = store.get(self.vars[i].as_tensor()) else {
+                    candle_core::bail!("no gradient for LoRA variable {i}");
+                };
+                Self::put_grad(group, j, g, accumulate)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn put_grad(group: &Group, j: usize, g: &Tensor, accumulate: bool) -> candle_core::Result<()> {
+        let g = if accumulate {
+            (group.grads.get(j)? + g)?
+        } else {
+            g.clone()
+        };
+        group.grads.slice_set(&g.unsqueeze(0)?.contiguous()?, 0, j)
+    }
+
+    /// The stored gradient of every variable, in `vars` order.
+    #[cfg(test)]
+    pub fn stored_grads(&self) -> Result<Vec<Tensor>> {
+        let mut out = vec![None; self.vars.len()];
+        for group in &self.groups {
+            for (j, &i) in group.members.iter().enumerate() {
+                out[i] = Some(group.grads.get(j)?);
+            }
+        }
+        Ok(out.into_iter().flatten().collect())
+    }
+
+    /// One update with gradients `grads[i]` for `vars[i]`: [`AdamW::step`]
+    /// after storing them.
+    #[cfg(test)]
     pub fn update(&mut self, grads: &[Tensor], lr: f64, max_norm: f64) -> Result<f64> {
         if grads.len() != self.vars.len() {
             anyhow::bail!(
@@ -98,45 +155,43 @@ impl AdamW {
                 self.vars.len()
             );
         }
-        let stacked = self
-            .groups
-            .iter()
-            .map(|g| {
-                let members: Vec<&Tensor> = g.members.iter().map(|&i| &grads[i]).collect();
-                Tensor::stack(&members, 0)
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let norm = global_norm(&stacked)?;
-        // Clipping scales every gradient by `clip`; it is folded into the
-        // moments' coefficients instead of being a pass of its own.
-        let clip = if max_norm > 0.0 && norm > max_norm {
-            max_norm / (norm + 1e-6)
-        } else {
-            1.0
-        };
+        for group in &self.groups {
+            for (j, &i) in group.members.iter().enumerate() {
+                Self::put_grad(group, j, &grads[i], false)?;
+            }
+        }
+        self.step(lr, max_norm)
+    }
+
+    /// One update from the stored gradients at learning rate `lr`, after
+    /// scaling them so that their global L2 norm is at most `max_norm` (0:
+    /// no clipping). Returns the norm before clipping, the update's only
+    /// read-back to the host.
+    pub fn step(&mut self, lr: f64, max_norm: f64) -> Result<f64> {
         self.step += 1;
         let c = self.cfg;
         let bc1 = 1.0 - c.beta1.powi(self.step as i32);
         let bc2 = 1.0 - c.beta2.powi(self.step as i32);
-        for (group, g) in self.groups.iter_mut().zip(&stacked) {
-            group.m = (group.m.affine(c.beta1, 0.0)? + g.affine((1.0 - c.beta1) * clip, 0.0)?)?;
-            let g2 = g.sqr()?.affine((1.0 - c.beta2) * clip * clip, 0.0)?;
-            group.v = (group.v.affine(c.beta2, 0.0)? + g2)?;
-            // lr · m̂ / (√v̂ + ε), with m̂ = m / bc1 and v̂ = v / bc2.
-            let denom = group.v.affine(1.0 / bc2, 0.0)?.sqrt()?.affine(1.0, c.eps)?;
-            let step = group.m.affine(lr / bc1, 0.0)?.div(&denom)?;
-            let params: Vec<&Tensor> = group
-                .members
-                .iter()
-                .map(|&i| self.vars[i].as_tensor())
-                .collect();
-            let params = Tensor::stack(&params, 0)?;
-            let next = (params.affine(1.0 - lr * c.weight_decay, 0.0)? - step)?;
-            for (j, &i) in group.members.iter().enumerate() {
-                self.vars[i].set(&next.get(j)?)?;
+        let max_norm = if max_norm > 0.0 {
+            max_norm
+        } else {
+            f64::INFINITY
+        };
+        let hyper = [lr / bc1, 1.0 - lr * c.weight_decay, 1.0 / bc2, max_norm];
+        let hyper = hyper.map(|x| x as f32);
+        let dev = self.hyper.device().clone();
+        self.hyper.slice_set(&Tensor::new(&hyper, &dev)?, 0, 0)?;
+        match self.replay.as_mut() {
+            Some(replay) => {
+                let (groups, vars) = (&self.groups, &self.vars);
+                let (hyper, norm) = (&self.hyper, &self.norm);
+                replay.run(&dev, "the optimizer update", || {
+                    apply(groups, vars, c, hyper, norm)
+                })?
             }
+            None => apply(&self.groups, &self.vars, c, &self.hyper, &self.norm)?,
         }
-        Ok(norm)
+        Ok(self.norm.to_vec1::<f32>()?[0] as f64)
     }
 
     /// Writes the moments and step to `dir/optimizer.safetensors`, one
@@ -185,8 +240,9 @@ impl AdamW {
                 }
             }
             let [m, v] = moments;
-            g.m = Tensor::stack(&m, 0)?;
-            g.v = Tensor::stack(&v, 0)?;
+            // In place: a captured update keeps the buffers' addresses.
+            g.m.slice_set(&Tensor::stack(&m, 0)?, 0, 0)?;
+            g.v.slice_set(&Tensor::stack(&v, 0)?, 0, 0)?;
         }
         let step = get("step")?.flatten_all()?.to_vec1::<u32>()?;
         self.step = *step
@@ -197,17 +253,59 @@ impl AdamW {
     }
 }
 
-/// The global L2 norm of all `grads`, summed on the device and read once.
-fn global_norm(grads: &[Tensor]) -> Result<f64> {
-    let sums = grads
+/// The update itself, device work only: every value that changes between
+/// steps comes from `hyper` (see `AdamW::hyper`), the gradient norm goes
+/// to `norm`, the moments and variables are written in place.
+fn apply(
+    groups: &[Group],
+    vars: &[Var],
+    c: AdamWConfig,
+    hyper: &Tensor,
+    norm: &Tensor,
+) -> candle_core::Result<()> {
+    let dev = hyper.device();
+    let sums = groups
         .iter()
-        .map(|g| g.sqr()?.sum_all())
+        .map(|g| g.grads.sqr()?.sum_all()?.reshape(1))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    if sums.is_empty() {
-        return Ok(0.0);
+    let total = if sums.is_empty() {
+        Tensor::zeros(1, DType::F32, dev)?
+    } else {
+        Tensor::cat(&sums, 0)?.sum_keepdim(0)?.sqrt()?
+    };
+    norm.slice_set(&total, 0, 0)?;
+    let at = |k: usize| hyper.narrow(0, k, 1);
+    let (lr_bc1, decay, inv_bc2, max_norm) = (at(0)?, at(1)?, at(2)?, at(3)?);
+    // Clipping scales every gradient by `clip`; it is folded into the
+    // moments' coefficients instead of being a pass of its own.
+    let clip = total.gt(&max_norm)?.where_cond(
+        &max_norm.div(&total.affine(1.0, 1e-6)?)?,
+        &Tensor::ones(1, DType::F32, dev)?,
+    )?;
+    let g1 = clip.affine(1.0 - c.beta1, 0.0)?;
+    let g2 = clip.sqr()?.affine(1.0 - c.beta2, 0.0)?;
+    for group in groups {
+        let rank = group.grads.rank();
+        let scalar = |t: &Tensor| t.reshape(vec![1; rank]);
+        let g = &group.grads;
+        let m = (group.m.affine(c.beta1, 0.0)? + g.broadcast_mul(&scalar(&g1)?)?)?;
+        let v = (group.v.affine(c.beta2, 0.0)? + g.sqr()?.broadcast_mul(&scalar(&g2)?)?)?;
+        // lr · m̂ / (√v̂ + ε), with m̂ = m / bc1 and v̂ = v / bc2.
+        let denom = v
+            .broadcast_mul(&scalar(&inv_bc2)?)?
+            .sqrt()?
+            .affine(1.0, c.eps)?;
+        let step = m.broadcast_mul(&scalar(&lr_bc1)?)?.div(&denom)?;
+        group.m.slice_set(&m, 0, 0)?;
+        group.v.slice_set(&v, 0, 0)?;
+        let params: Vec<&Tensor> = group.members.iter().map(|&i| vars[i].as_tensor()).collect();
+        let params = Tensor::stack(&params, 0)?;
+        let next = (params.broadcast_mul(&scalar(&decay)?)? - step)?;
+        for (j, &i) in group.members.iter().enumerate() {
+            vars[i].set(&next.get(j)?)?;
+        }
     }
-    let sq = Tensor::stack(&sums, 0)?.sum_all()?.to_scalar::<f32>()? as f64;
-    Ok(sq.sqrt())
+    Ok(())
 }
 
 /// Linear warmup to `peak`, then cosine decay to zero at `total` steps.
