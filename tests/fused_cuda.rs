@@ -496,6 +496,22 @@ fn fused_wide_prefills_equal_candle_prefills() {
     }
 }
 
+/// Smooth weights `[dims]` (f32) for a scalar loss `Σ h · probe` whose
+/// gradients differ from element to element.
+fn probe(dims: &[usize], device: &Device) -> Tensor {
+    let n: usize = dims.iter().product();
+    Tensor::arange(0u32, n as u32, device)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .affine(1e-3, -0.1)
+        .unwrap()
+        .sin()
+        .unwrap()
+        .reshape(dims)
+        .unwrap()
+}
+
 /// Training on the GPU takes two kernels of its own: the dropout mask
 /// (drawn from the same counter-based stream as on the CPU) and the LoRA
 /// term added to the frozen projection. In f32 a training forward with
@@ -516,16 +532,7 @@ fn gpu_training_steps_equal_cpu_training_steps() {
         let h = dec
             .forward_hidden(&t, &batch, None, Mode::Train(&dropout))
             .unwrap();
-        let probe = Tensor::arange(0u32, h.elem_count() as u32, device)
-            .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .affine(1e-3, -0.1)
-            .unwrap()
-            .sin()
-            .unwrap()
-            .reshape(h.dims())
-            .unwrap();
+        let probe = probe(h.dims(), device);
         let grads = (&h * &probe)
             .unwrap()
             .sum_all()
@@ -577,16 +584,7 @@ fn replayed_training_passes_equal_eager_ones() {
     let (first, second) = (padded(&first), padded(&second));
     assert_eq!(first.rows.len(), second.rows.len(), "one shape for both");
     let rows = first.rows.len();
-    let probe = Tensor::arange(0u32, (rows * width * cfg.hidden_size) as u32, &dev)
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .affine(1e-3, -0.1)
-        .unwrap()
-        .sin()
-        .unwrap()
-        .reshape((rows, width, cfg.hidden_size))
-        .unwrap();
+    let probe = probe(&[rows, width, cfg.hidden_size], &dev);
     let loss = |h: &Tensor| (h.to_dtype(DType::F32)? * &probe)?.sum_all();
     let buffers: Vec<Tensor> = vars
         .iter()

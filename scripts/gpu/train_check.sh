@@ -21,7 +21,7 @@ STEPS=${STEPS:-"tiny speed"}
 SPEED_STEPS=${SPEED_STEPS:-40}
 WORK=${WORK:-/tmp/train-check}
 mkdir -p "$OUT" "$WORK"
-export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn}
+export PATH=/tmp/bin:$PATH RUST_LOG=${RUST_LOG:-warn,train=info}
 ALL=q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
 SHIPPED=(--lora-r 16 --lora-alpha 16 --targets "$ALL" --lr 5e-4 --epochs 3 --batch-size 8 --grad-accum 1)
 
@@ -107,6 +107,7 @@ later = sorted(r["step_s"] for r in rows[len(rows) // 4:])
 print(f"epoch, shared prefix {sys.argv[2]}: {len(rows)} steps in {span:.2f} s (captures included), "
       f"{tokens / span:,.0f} tokens/s; median step {later[len(later) // 2] * 1000:.1f} ms after the first quarter")
 PY
+    grep -m1 'replayed training steps' "$OUT/train_epoch-$share.txt" | sed 's/^.*replayed training steps/  replayed training steps/' || true
   done
 fi
 

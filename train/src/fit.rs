@@ -675,6 +675,7 @@ fn train_loop(
     let bar = progress_bar("train", total);
     bar.set_position(first_step as u64);
     let mut tokens_seen = 0usize;
+    let mut update_time = std::time::Duration::ZERO;
     let loop_started = Instant::now();
     let share_prefix = passes_shared_prefix(args.shared_prefix, &device);
     let mut replayed = if args.graphs.is_on(device.is_cuda()) {
@@ -733,7 +734,9 @@ fn train_loop(
             };
             tokens_seen += micro.iter().map(|t| t.ids.len()).sum::<usize>();
         }
+        let update_started = Instant::now();
         let grad_norm = opt.step(lr, args.max_grad_norm)?;
+        update_time += update_started.elapsed();
         let elapsed = loop_started.elapsed().as_secs_f64();
         let tps = tokens_seen as f64 / elapsed.max(1e-9);
         bar.inc(1);
@@ -767,6 +770,9 @@ fn train_loop(
             save_checkpoint(&ckpt, &router.base().decoder, ctx.lora_cfg, opt, &state)?;
         }
         if args.stop_after == Some(step + 1) {
+            if let Some(steps) = &replayed {
+                log_replay_timing(steps, update_time, step + 1 - first_step);
+            }
             bail!(
                 "stopped after {} steps (--stop-after); resume with --resume <checkpoint>",
                 step + 1
@@ -775,10 +781,27 @@ fn train_loop(
     }
     bar.finish_and_clear();
     if let Some(steps) = &replayed {
-        tracing::info!(shapes = steps.shapes(), "replayed training steps");
+        log_replay_timing(steps, update_time, total - first_step);
     }
     run.log.flush()?;
     Ok(())
+}
+
+/// One log line on where replayed steps spent their time: per replayed
+/// pass the inputs' upload and the passes themselves (launch to loss read
+/// back), per step the optimizer update.
+fn log_replay_timing(steps: &ReplayedSteps, update: std::time::Duration, steps_run: usize) {
+    let t = steps.timing;
+    let ms = |d: std::time::Duration, n: usize| d.as_secs_f64() * 1e3 / n.max(1) as f64;
+    let passes = t.passes as usize;
+    tracing::info!(
+        shapes = steps.shapes(),
+        replayed_passes = passes,
+        inputs_ms = format!("{:.2}", ms(t.inputs, passes)),
+        passes_ms = format!("{:.2}", ms(t.replay, passes)),
+        update_ms = format!("{:.2}", ms(update, steps_run)),
+        "replayed training steps (mean host time per pass and per update)"
+    );
 }
 
 /// Writes the adapter, drops the checkpoints and renames the run directory

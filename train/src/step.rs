@@ -198,6 +198,18 @@ pub struct ReplayedSteps {
     seed: Tensor,
     /// The last pass's loss `[1]` (f32).
     loss: Tensor,
+    /// Where the time of runs that replayed a captured graph went.
+    pub timing: PassTiming,
+}
+
+/// Host time of replayed passes, captures left out.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassTiming {
+    pub passes: u32,
+    /// Laying the batch out and uploading it into the buffers.
+    pub inputs: std::time::Duration,
+    /// From the launch until the loss is read back: the passes' GPU time.
+    pub replay: std::time::Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -234,6 +246,7 @@ impl ReplayedSteps {
             shapes: HashMap::new(),
             seed: Tensor::zeros(2, DType::U32, dev)?,
             loss: Tensor::zeros(1, DType::F32, dev)?,
+            timing: PassTiming::default(),
         })
     }
 
@@ -266,6 +279,7 @@ impl ReplayedSteps {
                 batch.len()
             );
         }
+        let started = std::time::Instant::now();
         let start = if share { shared_prefix_len(batch) } else { 0 };
         let longest = batch.iter().map(|r| r.ids.len() - start).max().unwrap_or(1);
         let layout = Layout::new(
@@ -323,6 +337,8 @@ impl ReplayedSteps {
             replay,
         } = step;
         let (seed_buffer, loss_buffer, rows) = (&self.seed, &self.loss, self.rows);
+        let replayed = replay.is_captured();
+        let launched = std::time::Instant::now();
         replay.run(&dev, "this training step shape", || {
             let dropout = Dropout::with_seed_buffer(seed, seed_buffer);
             let mode = Mode::Train(&dropout);
@@ -340,7 +356,13 @@ impl ReplayedSteps {
             opt.store_grads(&store, accumulate)?;
             loss_buffer.slice_set(&loss.reshape(1)?, 0, 0)
         })?;
-        Ok(self.loss.to_vec1::<f32>()?[0] as f64)
+        let loss = self.loss.to_vec1::<f32>()?[0] as f64;
+        if replayed {
+            self.timing.passes += 1;
+            self.timing.inputs += launched - started;
+            self.timing.replay += launched.elapsed();
+        }
+        Ok(loss)
     }
 }
 
