@@ -456,6 +456,19 @@ __device__ void add_rounded(const T *base, const float *delta, const float *mul,
     }
 }
 
+// Training: out = f32(x) · scale (· mul, when given), in f32: a LoRA
+// branch's input cast with its dropout mask applied (forward), or the
+// incoming gradient cast with the adapter's scaling (backward).
+template <typename T>
+__device__ void cast_scaled(const T *x, const float *mul, float *out, const size_t n,
+                            const float scale) {
+    FOR_EACH_INDEX(i, n) {
+        float v = to_f(x[i]) * scale;
+        if (mul) v *= mul[i];
+        out[i] = v;
+    }
+}
+
 // Row statistics of f32 logits `[rows, n]`, in two stages over many blocks
 // (a single block per row reads 262k columns slowly). Stage one: block
 // (chunk, row) reduces its columns to (max, first index of the max,
@@ -608,6 +621,28 @@ __device__ void gated(const T *gate, const T *up, T *out, const size_t n, const 
     }
 }
 
+// The gradients of gated(): with g the product's incoming gradient,
+// d_gate = g · up · act'(gate) and d_up = g · act(gate), in f32, rounded to
+// T once (act' of tanh-approximated GELU and of SiLU written out).
+template <typename T>
+__device__ void gated_grad(const T *gate, const T *up, const T *g, T *d_gate, T *d_up,
+                           const size_t n, const int act) {
+    FOR_EACH_INDEX(i, n) {
+        const float x = to_f(gate[i]), u = to_f(up[i]), gi = to_f(g[i]);
+        float slope;
+        if (act == 0) {
+            const float k = (float)(M_2_SQRTPI * M_SQRT1_2);
+            const float t = tanhf(k * (x + 0.044715f * x * x * x));
+            slope = 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * k * (1.0f + 3.0f * 0.044715f * x * x);
+        } else {
+            const float sig = 1.0f / (1.0f + expf(-x));
+            slope = sig * (1.0f + x * (1.0f - sig));
+        }
+        d_gate[i] = from_f<T>(gi * u * slope);
+        d_up[i] = from_f<T>(gi * to_f(activate(gate[i], act)));
+    }
+}
+
 // Rows a skinny matmul takes at most.
 #define SKINNY_MAX_ROWS 8
 
@@ -743,6 +778,15 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
     extern "C" __global__ void gated_##SUFFIX(const T *gate, const T *up, T *out,               \
                                               const size_t n, const int act) {                   \
         gated<T>(gate, up, out, n, act);                                                         \
+    }                                                                                            \
+    extern "C" __global__ void cast_scaled_##SUFFIX(const T *x, const float *mul, float *out,   \
+                                                    const size_t n, const float scale) {         \
+        cast_scaled<T>(x, mul, out, n, scale);                                                   \
+    }                                                                                            \
+    extern "C" __global__ void gated_grad_##SUFFIX(const T *gate, const T *up, const T *g,      \
+                                                   T *d_gate, T *d_up, const size_t n,           \
+                                                   const int act) {                              \
+        gated_grad<T>(gate, up, g, d_gate, d_up, n, act);                                        \
     }                                                                                            \
     extern "C" __global__ void nll_rows_##SUFFIX(const T *logits, const uint32_t *targets,      \
                                                  const float *weights, float *lse, float *loss,  \

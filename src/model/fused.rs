@@ -205,6 +205,28 @@ pub(crate) fn nll_grad(
     imp::nll_grad(logits, targets, weights, lse, g)
 }
 
+/// Training: `f32(x) · scale` (times `mul`, f32 of `x`'s shape, when
+/// given), in one kernel: a LoRA branch's input with its dropout mask, or
+/// an incoming gradient with the adapter's scaling.
+pub(crate) fn cast_scaled(
+    x: &Tensor,
+    mul: Option<&Tensor>,
+    scale: f64,
+) -> candle_core::Result<Tensor> {
+    imp::cast_scaled(x, mul, scale)
+}
+
+/// Training: the gradients of [`gated`] for the incoming gradient `g`:
+/// `(g · up · act'(gate), g · act(gate))`, in one kernel.
+pub(crate) fn gated_grad(
+    gate: &Tensor,
+    up: &Tensor,
+    g: &Tensor,
+    act: Activation,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    imp::gated_grad(gate, up, g, act)
+}
+
 /// `act(gate) · up`, elementwise.
 pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     imp::gated(gate, up, act)
@@ -362,6 +384,23 @@ mod imp {
         _: &Tensor,
         _: Activation,
     ) -> candle_core::Result<Option<Tensor>> {
+        unavailable()
+    }
+
+    pub(super) fn gated_grad(
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: Activation,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        unavailable()
+    }
+
+    pub(super) fn cast_scaled(
+        _: &Tensor,
+        _: Option<&Tensor>,
+        _: f64,
+    ) -> candle_core::Result<Tensor> {
         unavailable()
     }
 }
@@ -738,6 +777,80 @@ mod imp {
         let args: [&dyn Arg; 5] = [&ptrs[0], &ptrs[1], &ptrs[2], &n64, &act];
         // SAFETY: three live contiguous buffers of `n` elements.
         unsafe { launch(&dev, "gated", dtype, elementwise(n), &args) }?;
+        Ok(out)
+    }
+
+    pub(super) fn gated_grad(
+        gate: &Tensor,
+        up: &Tensor,
+        g: &Tensor,
+        act: Activation,
+    ) -> candle_core::Result<(Tensor, Tensor)> {
+        let dev = cuda(gate)?;
+        let dtype = gate.dtype();
+        if gate.shape() != up.shape() || gate.shape() != g.shape() {
+            candle_core::bail!(
+                "gate {:?}, up {:?} and their gradient {:?} differ",
+                gate.shape(),
+                up.shape(),
+                g.shape()
+            );
+        }
+        same_dtype(dtype, &[up, g])?;
+        let (gate, up, g) = (gate.contiguous()?, up.contiguous()?, g.contiguous()?);
+        let d_gate = uninit(&dev, dtype, gate.shape().clone())?;
+        let d_up = uninit(&dev, dtype, gate.shape().clone())?;
+        let n = gate.elem_count();
+        if n == 0 {
+            return Ok((d_gate, d_up));
+        }
+        let ptrs = [
+            addr(&gate)?,
+            addr(&up)?,
+            addr(&g)?,
+            addr(&d_gate)?,
+            addr(&d_up)?,
+        ];
+        let n64 = n as u64;
+        let act = act_code(act);
+        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        args.extend([&n64 as &dyn Arg, &act]);
+        // SAFETY: five live contiguous buffers of `n` elements.
+        unsafe { launch(&dev, "gated_grad", dtype, elementwise(n), &args) }?;
+        Ok((d_gate, d_up))
+    }
+
+    pub(super) fn cast_scaled(
+        x: &Tensor,
+        mul: Option<&Tensor>,
+        scale: f64,
+    ) -> candle_core::Result<Tensor> {
+        let dev = cuda(x)?;
+        if mul.is_some_and(|m| m.dims() != x.dims() || m.dtype() != DType::F32) {
+            candle_core::bail!(
+                "cast_scaled: the multiplier {:?} is not f32 of the input's shape {:?}",
+                mul.map(Tensor::dims),
+                x.dims()
+            );
+        }
+        let x = x.contiguous()?;
+        let mul = mul.map(Tensor::contiguous).transpose()?;
+        let out = uninit(&dev, DType::F32, x.shape().clone())?;
+        let n = x.elem_count();
+        if n == 0 {
+            return Ok(out);
+        }
+        let ptrs = [
+            addr(&x)?,
+            mul.as_ref().map(addr).transpose()?.unwrap_or(0),
+            addr(&out)?,
+        ];
+        let (n64, scale) = (n as u64, scale as f32);
+        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        args.extend([&n64 as &dyn Arg, &scale]);
+        // SAFETY: `x`, `out` (and `mul`, checked) hold `n` contiguous
+        // elements; a null `mul` is skipped by the kernel.
+        unsafe { launch(&dev, "cast_scaled", x.dtype(), elementwise(n), &args) }?;
         Ok(out)
     }
 

@@ -18,6 +18,7 @@
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
+use super::family::Activation;
 use super::fused;
 
 /// A node's backward: from the gradient of its output to the gradients of
@@ -350,18 +351,24 @@ pub(crate) fn lora_linear(
     let (w, a_s, b_s) = (w.clone(), a.detach(), b.detach());
     let x2 = x.detach().reshape((rows, features))?;
     let base = x2.matmul(&w.t()?)?;
-    let xd = x2.to_dtype(DType::F32)?;
-    let xd = match &keep {
-        Some(k) => (xd * k)?,
-        None => xd,
+    // On CUDA one kernel casts the input and applies the dropout mask (and,
+    // backward, casts and scales the incoming gradient), and one scales,
+    // rounds and adds the adapter's term (backward: masks, rounds and adds
+    // its input gradient).
+    let fused_add = fused::available(x.device(), x.dtype());
+    let xd = if fused_add {
+        fused::cast_scaled(&x2, keep.as_ref(), 1.0)?
+    } else {
+        let xd = x2.to_dtype(DType::F32)?;
+        match &keep {
+            Some(k) => (xd * k)?,
+            None => xd,
+        }
     };
     let h = xd.matmul(&a_s.t()?)?;
     let mut out_dims = leading.to_vec();
     out_dims.push(w.dim(0)?);
     let delta = h.matmul(&b_s.t()?)?;
-    // On CUDA one kernel scales, rounds and adds the adapter's term (and,
-    // backward, masks, rounds and adds its input gradient).
-    let fused_add = fused::available(x.device(), x.dtype());
     let out = if fused_add {
         fused::add_rounded(&base, &delta, None, scaling)?
     } else {
@@ -372,10 +379,17 @@ pub(crate) fn lora_linear(
     let dtype = x.dtype();
     record("lora-linear", &[x, a, b], out, move |g| {
         let g2 = g.reshape((rows, w.dim(0)?))?;
-        let g32 = g2.to_dtype(DType::F32)?;
-        // The gradient reaching h: scaling · g B.
-        let gh = g32.matmul(&b_s)?.affine(scaling, 0.0)?;
-        let db = g32.t()?.matmul(&h)?.affine(scaling, 0.0)?;
+        // The gradient reaching h: scaling · g B; B's: scaling · gᵀ h.
+        let (gh, db) = if fused_add {
+            let gs = fused::cast_scaled(&g2, None, scaling)?;
+            (gs.matmul(&b_s)?, gs.t()?.matmul(&h)?)
+        } else {
+            let g32 = g2.to_dtype(DType::F32)?;
+            (
+                g32.matmul(&b_s)?.affine(scaling, 0.0)?,
+                g32.t()?.matmul(&h)?.affine(scaling, 0.0)?,
+            )
+        };
         let da = gh.t()?.matmul(&xd)?;
         let dx = if x_needs_grad {
             let through_lora = gh.matmul(&a_s)?;
@@ -394,6 +408,56 @@ pub(crate) fn lora_linear(
         };
         Ok([dx, Some(da), Some(db)])
     })
+}
+
+/// The gated MLP's `act(gate) · up`, one node: on CUDA one kernel forward
+/// (inference's) and one backward, where candle's GELU backward alone is
+/// about fifteen kernels over `[rows, intermediate]`. Elsewhere candle's
+/// activation and product forward, and the derivative written out in f32
+/// backward.
+pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    let (gate_d, up_d) = (gate.detach(), up.detach());
+    let fused = fused::available(gate.device(), gate.dtype());
+    let out = if fused {
+        fused::gated(&gate_d, &up_d, act)?
+    } else {
+        (activate(&gate_d, act)? * &up_d)?
+    };
+    record("gated", &[gate, up], out, move |g| {
+        let (d_gate, d_up) = if fused {
+            fused::gated_grad(&gate_d, &up_d, g, act)?
+        } else {
+            let dtype = gate_d.dtype();
+            let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+            let (x, u, g32) = (f32(&gate_d)?, f32(&up_d)?, f32(g)?);
+            let slope = match act {
+                Activation::GeluTanh => {
+                    let k = (2.0 / std::f64::consts::PI).sqrt();
+                    let t = ((&x + x.powf(3.0)?.affine(0.044715, 0.0)?)? * k)?.tanh()?;
+                    let left = t.affine(0.5, 0.5)?;
+                    let dt =
+                        (t.sqr()?.affine(-1.0, 1.0)? * (x.sqr()?.affine(3.0 * 0.044715 * k, k))?)?;
+                    (left + (&x * dt)?.affine(0.5, 0.0)?)?
+                }
+                Activation::Silu => {
+                    let sig = candle_nn::ops::sigmoid(&x)?;
+                    (&sig * (&x * sig.affine(-1.0, 1.0)?)?.affine(1.0, 1.0)?)?
+                }
+            };
+            let d_gate = (&g32 * &u)?.mul(&slope)?.to_dtype(dtype)?;
+            let d_up = (&g32 * f32(&activate(&gate_d, act)?)?)?.to_dtype(dtype)?;
+            (d_gate, d_up)
+        };
+        Ok([Some(d_gate), Some(d_up), None])
+    })
+}
+
+/// `act(x)` as inference computes it without the fused kernels.
+fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+    match act {
+        Activation::GeluTanh => x.gelu(),
+        Activation::Silu => candle_nn::ops::silu(x),
+    }
 }
 
 /// Training's loss: `Σ_i w_i · -log softmax(logits_i)[t_i]` over the
@@ -622,6 +686,20 @@ mod tests {
                         .reshape((2, 3, 5))
                         .unwrap()
                 },
+            );
+        }
+    }
+
+    #[test]
+    fn gated_matches_the_composed_activation_and_product() {
+        for act in [Activation::GeluTanh, Activation::Silu] {
+            assert_same(
+                &[
+                    randn(30, &[3, 5, 8]).affine(2.0, 0.0).unwrap(),
+                    randn(31, &[3, 5, 8]),
+                ],
+                |t| gated(&t[0], &t[1], act).unwrap(),
+                |t| (activate(&t[0], act).unwrap() * &t[1]).unwrap(),
             );
         }
     }

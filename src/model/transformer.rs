@@ -571,12 +571,19 @@ impl Mlp {
             return self.forward_fused(x, act, mode);
         }
         let gate = self.gate_proj.forward(x, mode)?;
-        let gate = match act {
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::Silu => candle_nn::Activation::Silu.forward(&gate)?,
-        };
         let up = self.up_proj.forward(x, mode)?;
-        self.down_proj.forward(&(gate * up)?, mode)
+        let h = match mode {
+            // One gradient-graph node (one kernel each way on CUDA).
+            Mode::Train(_) => grad::gated(&gate, &up, act)?,
+            Mode::Infer => {
+                let gate = match act {
+                    Activation::GeluTanh => gate.gelu()?,
+                    Activation::Silu => candle_nn::Activation::Silu.forward(&gate)?,
+                };
+                (gate * up)?
+            }
+        };
+        self.down_proj.forward(&h, mode)
     }
 
     /// The same with the fused kernels: both input projections and the
