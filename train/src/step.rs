@@ -182,8 +182,10 @@ const ANSWER_STEP: usize = 64;
 
 /// Training steps replayed from CUDA graphs, one per step shape.
 ///
-/// A shape is (rows, width, answer slots, whether the gradients add to the
-/// stored ones). Its buffers hold the step's inputs: tokens, positions and
+/// A shape is (shared prefix length, width after it, answer slots, whether
+/// the gradients add to the stored ones); every shape has the batch size's
+/// rows, shorter batches padded. Its buffers hold the step's inputs: the
+/// shared prefix's tokens, positions and mask, the rows' tokens, positions and
 /// masks ([`StepInputs`]), the answer columns, their targets and weights
 /// (`1 / norm`, 0 in unused slots). The dropout seed and the loss live in
 /// buffers every shape shares, the gradients in the optimizer's. Padding
