@@ -62,6 +62,27 @@ struct SendGraph(candle_core::cuda_backend::cudarc::driver::CudaGraph);
 #[cfg(feature = "cuda")]
 unsafe impl Send for SendGraph {}
 
+/// How many nodes of each kind a captured graph holds: a replayed graph
+/// costs a few µs per node in a chain, whatever the node does, so these
+/// counts bound what a replay can cost.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct GraphNodes {
+    pub kernels: usize,
+    pub copies: usize,
+    pub sets: usize,
+    /// Stream-ordered allocations and frees (candle allocates every
+    /// output).
+    pub allocs: usize,
+    pub frees: usize,
+    pub other: usize,
+}
+
+impl GraphNodes {
+    pub fn total(&self) -> usize {
+        self.kernels + self.copies + self.sets + self.allocs + self.frees + self.other
+    }
+}
+
 impl Default for Replay {
     fn default() -> Self {
         Self::new()
@@ -83,6 +104,16 @@ impl Replay {
             return true;
         }
         false
+    }
+
+    /// The captured graph's nodes by kind (`None` before a capture, and
+    /// off CUDA).
+    pub fn nodes(&self) -> candle_core::Result<Option<GraphNodes>> {
+        #[cfg(feature = "cuda")]
+        if let Graph::Ready(graph) = &self.graph {
+            return count_nodes(&graph.0).map(Some);
+        }
+        Ok(None)
     }
 
     /// Runs `body` on `device`: the first time on CUDA eagerly (its results
@@ -222,6 +253,46 @@ impl GraphStep {
         let picked = hidden.reshape((b * t, h))?.index_select(scored, 0)?;
         logits.slice_set(&dec.logits(&picked)?, 0, 0)
     }
+}
+
+/// Counts `graph`'s nodes by kind.
+#[cfg(feature = "cuda")]
+fn count_nodes(
+    graph: &candle_core::cuda_backend::cudarc::driver::CudaGraph,
+) -> candle_core::Result<GraphNodes> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let driver = |e: sys::CUresult| candle_core::Error::Msg(format!("CUDA graph nodes: {e:?}"));
+    let g = graph.cu_graph();
+    let mut n = 0usize;
+    // SAFETY: `g` is the live graph `graph` owns; a null array asks for the
+    // count only.
+    unsafe { sys::cuGraphGetNodes(g, std::ptr::null_mut(), &mut n) }
+        .result()
+        .map_err(|e| driver(e.0))?;
+    let mut nodes: Vec<sys::CUgraphNode> = vec![std::ptr::null_mut(); n];
+    // SAFETY: `nodes` has room for the `n` nodes asked for.
+    unsafe { sys::cuGraphGetNodes(g, nodes.as_mut_ptr(), &mut n) }
+        .result()
+        .map_err(|e| driver(e.0))?;
+    let mut counts = GraphNodes::default();
+    for node in nodes.into_iter().take(n) {
+        let mut kind = std::mem::MaybeUninit::<sys::CUgraphNodeType>::uninit();
+        // SAFETY: `node` belongs to the live graph; `kind` is written on
+        // success and read only then.
+        unsafe { sys::cuGraphNodeGetType(node, kind.as_mut_ptr()) }
+            .result()
+            .map_err(|e| driver(e.0))?;
+        // SAFETY: written by the successful call above.
+        match unsafe { kind.assume_init() } {
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => counts.kernels += 1,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => counts.copies += 1,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMSET => counts.sets += 1,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC => counts.allocs += 1,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_FREE => counts.frees += 1,
+            _ => counts.other += 1,
+        }
+    }
+    Ok(counts)
 }
 
 /// Records what `body` queues on the device's stream as a graph (relaxed

@@ -33,7 +33,7 @@ use candle_nn::VarBuilder;
 pub use cache::{dense_batch, Batch, Cache, StaticCache, StepInputs};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use family::{Activation, Family};
-pub use graph::{GraphStep, Replay};
+pub use graph::{GraphNodes, GraphStep, Replay};
 pub use linear::{Dropout, Linear, Lora, Mode};
 pub use transformer::{token_probabilities, Decoder};
 

@@ -794,12 +794,19 @@ fn log_replay_timing(steps: &ReplayedSteps, update: std::time::Duration, steps_r
     let t = steps.timing;
     let ms = |d: std::time::Duration, n: usize| d.as_secs_f64() * 1e3 / n.max(1) as f64;
     let passes = t.passes as usize;
+    let nodes = steps.nodes.unwrap_or_default();
     tracing::info!(
         shapes = steps.shapes(),
         replayed_passes = passes,
         inputs_ms = format!("{:.2}", ms(t.inputs, passes)),
         passes_ms = format!("{:.2}", ms(t.replay, passes)),
         update_ms = format!("{:.2}", ms(update, steps_run)),
+        largest_graph_nodes = nodes.total(),
+        kernels = nodes.kernels,
+        copies = nodes.copies,
+        sets = nodes.sets,
+        allocs = nodes.allocs,
+        frees = nodes.frees,
         "replayed training steps (mean host time per pass and per update)"
     );
 }

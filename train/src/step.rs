@@ -15,7 +15,9 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
-use router::model::{dense_batch, Batch, Cache, Decoder, Dropout, Mode, Replay, StepInputs};
+use router::model::{
+    dense_batch, Batch, Cache, Decoder, Dropout, GraphNodes, Mode, Replay, StepInputs,
+};
 
 use crate::optim::AdamW;
 
@@ -202,6 +204,8 @@ pub struct ReplayedSteps {
     loss: Tensor,
     /// Where the time of runs that replayed a captured graph went.
     pub timing: PassTiming,
+    /// The nodes of the largest graph captured so far.
+    pub nodes: Option<GraphNodes>,
 }
 
 /// Host time of replayed passes, captures left out.
@@ -249,6 +253,7 @@ impl ReplayedSteps {
             seed: Tensor::zeros(2, DType::U32, dev)?,
             loss: Tensor::zeros(1, DType::F32, dev)?,
             timing: PassTiming::default(),
+            nodes: None,
         })
     }
 
@@ -363,6 +368,11 @@ impl ReplayedSteps {
             self.timing.passes += 1;
             self.timing.inputs += launched - started;
             self.timing.replay += launched.elapsed();
+        } else if let Some(nodes) = replay.nodes()? {
+            tracing::debug!(?shape, ?nodes, "captured a training step shape");
+            if self.nodes.is_none_or(|n| n.total() < nodes.total()) {
+                self.nodes = Some(nodes);
+            }
         }
         Ok(loss)
     }
