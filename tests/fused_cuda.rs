@@ -617,7 +617,10 @@ fn replayed_training_passes_equal_eager_ones() {
     }
     assert!(replay.is_captured(), "the training pass was not captured");
     let nodes = replay.nodes().unwrap().expect("a captured graph has nodes");
-    assert!(nodes.kernels > 0 && nodes.total() >= nodes.kernels, "{nodes:?}");
+    assert!(
+        nodes.kernels > 0 && nodes.total() >= nodes.kernels,
+        "{nodes:?}"
+    );
     // The eager pass of the second inputs, its masks drawn from the seed.
     let ids = tokens_for(&second, 12, cfg.vocab_size);
     let t = Tensor::from_vec(ids, (rows, width), &dev).unwrap();
