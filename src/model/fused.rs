@@ -537,6 +537,14 @@ mod imp {
         }
     }
 
+    /// A kernel's arguments: the buffers' addresses in order, then `rest`.
+    fn with_addresses<'a>(ptrs: &'a [u64], rest: &[&'a dyn Arg]) -> Vec<&'a dyn Arg> {
+        ptrs.iter()
+            .map(|p| p as &dyn Arg)
+            .chain(rest.iter().copied())
+            .collect()
+    }
+
     fn same_dtype(dtype: DType, tensors: &[&Tensor]) -> candle_core::Result<()> {
         match tensors.iter().find(|t| t.dtype() != dtype) {
             Some(t) => candle_core::bail!("fused kernel inputs mix {dtype:?} and {:?}", t.dtype()),
@@ -686,8 +694,7 @@ mod imp {
             block_dim: (row_threads(d), 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
-        args.push(&eps);
+        let mut args = with_addresses(&ptrs, &[&eps]);
         args.extend(tables.iter().map(|p| p as &dyn Arg));
         args.extend(dims.iter().map(|d| d as &dyn Arg));
         // SAFETY: the shapes were checked above; the cache columns are
@@ -748,7 +755,7 @@ mod imp {
             block_dim: (ATTENTION_THREADS, 1, 1),
             shared_mem_bytes: shared as u32,
         };
-        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        let mut args = with_addresses(&ptrs, &[]);
         args.extend(dims.iter().map(|d| d as &dyn Arg));
         args.extend([&scale as &dyn Arg, &softcap]);
         // SAFETY: shapes checked above, buffers live and contiguous, the
@@ -774,7 +781,7 @@ mod imp {
         let ptrs = [addr(&gate)?, addr(&up)?, addr(&out)?];
         let n64 = n as u64;
         let act = act_code(act);
-        let args: [&dyn Arg; 5] = [&ptrs[0], &ptrs[1], &ptrs[2], &n64, &act];
+        let args = with_addresses(&ptrs, &[&n64, &act]);
         // SAFETY: three live contiguous buffers of `n` elements.
         unsafe { launch(&dev, "gated", dtype, elementwise(n), &args) }?;
         Ok(out)
@@ -813,8 +820,7 @@ mod imp {
         ];
         let n64 = n as u64;
         let act = act_code(act);
-        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
-        args.extend([&n64 as &dyn Arg, &act]);
+        let args = with_addresses(&ptrs, &[&n64, &act]);
         // SAFETY: five live contiguous buffers of `n` elements.
         unsafe { launch(&dev, "gated_grad", dtype, elementwise(n), &args) }?;
         Ok((d_gate, d_up))
@@ -846,8 +852,7 @@ mod imp {
             addr(&out)?,
         ];
         let (n64, scale) = (n as u64, scale as f32);
-        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
-        args.extend([&n64 as &dyn Arg, &scale]);
+        let args = with_addresses(&ptrs, &[&n64, &scale]);
         // SAFETY: `x`, `out` (and `mul`, checked) hold `n` contiguous
         // elements; a null `mul` is skipped by the kernel.
         unsafe { launch(&dev, "cast_scaled", x.dtype(), elementwise(n), &args) }?;
@@ -1023,7 +1028,7 @@ mod imp {
             block_dim: (row_threads(s).min(256), 1, 1),
             shared_mem_bytes: (s * 4) as u32,
         };
-        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
+        let mut args = with_addresses(&ptrs, &[]);
         args.extend(dims.iter().map(|d| d as &dyn Arg));
         args.extend([&scale as &dyn Arg, &softcap]);
         // SAFETY: shapes checked above, buffers live and contiguous, a row
@@ -1121,8 +1126,7 @@ mod imp {
             addr(&out)?,
         ];
         let scale = scale as f32;
-        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
-        args.extend([&n as &dyn Arg, &scale]);
+        let args = with_addresses(&ptrs, &[&n, &scale]);
         // SAFETY: every buffer holds the `n` elements of `base`'s shape
         // (checked), contiguous; a null `mul` is skipped by the kernel.
         unsafe { launch(&dev, "add_rounded", dtype, elementwise(n), &args) }?;
@@ -1183,8 +1187,7 @@ mod imp {
             addr(&loss)?,
         ];
         let vocab = vocab as i32;
-        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
-        args.push(&vocab);
+        let args = with_addresses(&ptrs, &[&vocab]);
         let cfg = LaunchConfig {
             grid_dim: (rows as u32, 1, 1),
             block_dim: (1024, 1, 1),
@@ -1232,8 +1235,7 @@ mod imp {
             addr(&out)?,
         ];
         let vocab = vocab as i32;
-        let mut args: Vec<&dyn Arg> = ptrs.iter().map(|p| p as &dyn Arg).collect();
-        args.push(&vocab);
+        let args = with_addresses(&ptrs, &[&vocab]);
         let threads = 256usize;
         let cfg = LaunchConfig {
             grid_dim: (

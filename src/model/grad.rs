@@ -455,7 +455,7 @@ pub(crate) fn gated(gate: &Tensor, up: &Tensor, act: Activation) -> candle_core:
 }
 
 /// `act(x)` as inference computes it without the fused kernels.
-fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
+pub(crate) fn activate(x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     match act {
         Activation::GeluTanh => x.gelu(),
         Activation::Silu => candle_nn::ops::silu(x),

@@ -26,7 +26,7 @@
 
 use std::borrow::Cow;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use super::cache::{build_masks, local_window, Batch, Cache, StaticCache, StepInputs};
 use super::config::{ModelConfig, RopeScaling};
@@ -575,13 +575,7 @@ impl Mlp {
         let h = match mode {
             // One gradient-graph node (one kernel each way on CUDA).
             Mode::Train(_) => grad::gated(&gate, &up, act)?,
-            Mode::Infer => {
-                let gate = match act {
-                    Activation::GeluTanh => gate.gelu()?,
-                    Activation::Silu => candle_nn::Activation::Silu.forward(&gate)?,
-                };
-                (gate * up)?
-            }
+            Mode::Infer => (grad::activate(&gate, act)? * up)?,
         };
         self.down_proj.forward(&h, mode)
     }
@@ -972,11 +966,22 @@ impl Decoder {
     /// that carry gradients (a training step) never take the head's Q8_0
     /// copy, which has no backward pass.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
         let logits = match q8_forward(self.head_q8.as_ref(), hidden, Q8_HEAD_MAX_ROWS)? {
             Some(logits) => logits,
-            None => head_matmul(hidden, head)?.to_dtype(DType::F32)?,
+            None => head_matmul(hidden, self.head())?.to_dtype(DType::F32)?,
         };
+        self.soft_capped(logits)
+    }
+
+    /// The output head `[vocab, hidden]`: its own weights or the tied
+    /// embedding.
+    fn head(&self) -> &Tensor {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens)
+    }
+
+    /// `logits` under the model's final soft cap, when it has one (f32
+    /// logits: the cap is computed in their dtype).
+    fn soft_capped(&self, logits: Tensor) -> candle_core::Result<Tensor> {
         match self.cfg.final_logit_softcapping {
             Some(cap) => (logits / cap)?.tanh()? * cap,
             None => Ok(logits),
@@ -994,10 +999,9 @@ impl Decoder {
         targets: &Tensor,
         weights: &Tensor,
     ) -> candle_core::Result<Tensor> {
-        let head = self.lm_head.as_ref().unwrap_or(&self.embed_tokens);
-        let logits = head_matmul(hidden, head)?;
+        let logits = head_matmul(hidden, self.head())?;
         let logits = match self.cfg.final_logit_softcapping {
-            Some(cap) => ((logits.to_dtype(DType::F32)? / cap)?.tanh()? * cap)?,
+            Some(_) => self.soft_capped(logits.to_dtype(DType::F32)?)?,
             None => logits,
         };
         grad::weighted_nll(&logits, targets, weights)
@@ -1082,7 +1086,7 @@ impl Decoder {
 
     /// Rows of the output head.
     pub fn vocab_size(&self) -> candle_core::Result<usize> {
-        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).dim(0)
+        self.head().dim(0)
     }
 
     /// The token embedding `[vocab, hidden]` (frozen; the head when tied).
@@ -1115,7 +1119,7 @@ impl Decoder {
         }
         self.head_q8 = None;
         if on {
-            self.head_q8 = q8_head_copy(self.lm_head.as_ref().unwrap_or(&self.embed_tokens))?;
+            self.head_q8 = q8_head_copy(self.head())?;
         }
         Ok(())
     }
