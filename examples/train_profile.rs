@@ -129,6 +129,11 @@ fn main() -> anyhow::Result<()> {
             n.frees,
             n.other
         );
+        println!("| kernel | nodes |");
+        println!("| --- | --- |");
+        for (name, count) in n.kernel_names.iter().take(40) {
+            println!("| {name} | {count} |");
+        }
     }
     Ok(())
 }

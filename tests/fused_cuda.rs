@@ -621,6 +621,17 @@ fn replayed_training_passes_equal_eager_ones() {
         nodes.kernels > 0 && nodes.total() >= nodes.kernels,
         "{nodes:?}"
     );
+    // Every kernel node is named (the counts cover every kernel).
+    let named: usize = nodes.kernel_names.iter().map(|(_, n)| n).sum();
+    assert_eq!(named, nodes.kernels, "{:?}", nodes.kernel_names);
+    assert!(
+        nodes
+            .kernel_names
+            .iter()
+            .any(|(name, _)| name.contains("dropout_mask")),
+        "{:?}",
+        nodes.kernel_names
+    );
     // The eager pass of the second inputs, its masks drawn from the seed.
     let ids = tokens_for(&second, 12, cfg.vocab_size);
     let t = Tensor::from_vec(ids, (rows, width), &dev).unwrap();

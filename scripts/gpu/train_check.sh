@@ -10,6 +10,10 @@
 #   epoch  one whole epoch of the shipped recipe, replayed steps, for each
 #          --shared-prefix setting in EPOCH_SHARE (default "on off"): its
 #          time, every capture included, and tokens/s over it;
+#   profile every staged `train_profile*` build (examples/train_profile.rs;
+#          no model files needed): one training pass of the random-weight
+#          270M shape, eager and replayed, with the graph's nodes by kind
+#          and kernel; PROFILE_ARGS adds arguments;
 #   speed  the shipped recipe on the default model (after run.sh assembled
 #          it) for SPEED_STEPS steps with `train` and, when OLD names another
 #          binary, with that one too: median seconds per step and tokens/s
@@ -108,6 +112,15 @@ print(f"epoch, shared prefix {sys.argv[2]}: {len(rows)} steps in {span:.2f} s (c
       f"{tokens / span:,.0f} tokens/s; median step {later[len(later) // 2] * 1000:.1f} ms after the first quarter")
 PY
     grep -m1 'replayed training steps' "$OUT/train_epoch-$share.txt" | sed 's/^.*replayed training steps/  replayed training steps/' || true
+  done
+fi
+
+if [[ " $STEPS " == *" profile "* ]]; then
+  for bin in /tmp/bin/train_profile*; do
+    name=$(basename "$bin")
+    "$bin" --device cuda --shape 270m ${PROFILE_ARGS:-} > "$OUT/$name.txt" 2>&1
+    echo "== $name"
+    grep -E '^\| (eager|replayed)|^graph nodes' "$OUT/$name.txt" || tail -n 5 "$OUT/$name.txt"
   done
 fi
 

@@ -156,6 +156,37 @@ __device__ void add_rms_norm(const T *x, const T *residual, const T *a_post, con
     }
 }
 
+// Training: the gradient of y = rms_norm(x) · alpha (candle's kernel, f32
+// inside) for the incoming gradient g, one block per row of n features:
+// dx = r·(g·a) - x·r³·mean(g·a·x) with r = (mean(x²) + eps)^-½, in f32 and
+// rounded to T once; plus `add` (the gradient reaching x by another path,
+// the residual stream's) when given, in f32 before the rounding.
+template <typename T>
+__device__ void rms_norm_grad(const T *x, const T *g, const T *alpha, const T *add, T *dx,
+                              const int n, const float eps) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    x += row * n;
+    g += row * n;
+    dx += row * n;
+    if (add != nullptr) add += row * n;
+    float sq = 0.0f, dot = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float xv = to_f(x[i]);
+        sq += xv * xv;
+        dot += to_f(g[i]) * to_f(alpha[i]) * xv;
+    }
+    sq = block_sum(sq, scratch);
+    dot = block_sum(dot, scratch);
+    const float r = rsqrtf(sq / n + eps);
+    const float c = r * r * r * dot / n;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        float v = r * to_f(g[i]) * to_f(alpha[i]) - to_f(x[i]) * c;
+        if (add != nullptr) v += to_f(add[i]);
+        dx[i] = from_f<T>(v);
+    }
+}
+
 // Queries, keys and values of one step after their projections: the query
 // and key norms (when given), rotary embedding of queries and keys (angles
 // `positions[bt] * inv_freq[i]` in f32, their cos and sin rounded to T as
@@ -774,6 +805,11 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
                                                     const float *mul, T *out, const size_t n,    \
                                                     const float scale) {                         \
         add_rounded<T>(base, delta, mul, out, n, scale);                                         \
+    }                                                                                            \
+    extern "C" __global__ void rms_norm_grad_##SUFFIX(const T *x, const T *g, const T *alpha,   \
+                                                      const T *add, T *dx, const int n,          \
+                                                      const float eps) {                         \
+        rms_norm_grad<T>(x, g, alpha, add, dx, n, eps);                                          \
     }                                                                                            \
     extern "C" __global__ void gated_##SUFFIX(const T *gate, const T *up, T *out,               \
                                               const size_t n, const int act) {                   \

@@ -197,23 +197,39 @@ impl CustomOp3 for Node {
 pub(crate) fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let xs = x.detach().contiguous()?;
     let out = candle_nn::ops::rms_norm(&xs, alpha, eps as f32)?;
-    let alpha = alpha.to_dtype(DType::F32)?;
+    let alpha = alpha.clone();
     record("rms-norm", &[x], out, move |g| {
-        // y = a·x·r with r = (mean(x²) + eps)^-½, so
-        // dx = r·(g·a) - x·r³·mean(g·a·x).
-        let x32 = xs.to_dtype(DType::F32)?;
-        let ga = g.to_dtype(DType::F32)?.broadcast_mul(&alpha)?;
-        let r = x32
-            .sqr()?
-            .mean_keepdim(D::Minus1)?
-            .affine(1.0, eps)?
-            .sqrt()?
-            .recip()?;
-        let dot = (&ga * &x32)?.mean_keepdim(D::Minus1)?;
-        let c = (r.powf(3.0)? * dot)?;
-        let dx = (ga.broadcast_mul(&r)? - x32.broadcast_mul(&c)?)?;
-        Ok([Some(dx.to_dtype(xs.dtype())?), None, None])
+        Ok([Some(rms_norm_backward(&xs, g, &alpha, eps)?), None, None])
     })
+}
+
+/// The gradient reaching `x` through `rms_norm(x) · alpha` for the
+/// incoming `g`: one kernel on CUDA, else written out in f32. With
+/// `y = a·x·r` and `r = (mean(x²) + eps)^-½`,
+/// `dx = r·(g·a) - x·r³·mean(g·a·x)`.
+fn rms_norm_backward(
+    x: &Tensor,
+    g: &Tensor,
+    alpha: &Tensor,
+    eps: f64,
+) -> candle_core::Result<Tensor> {
+    if fused::available(x.device(), x.dtype()) {
+        return fused::rms_norm_grad(x, g, alpha, None, eps);
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let ga = g
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&alpha.to_dtype(DType::F32)?)?;
+    let r = x32
+        .sqr()?
+        .mean_keepdim(D::Minus1)?
+        .affine(1.0, eps)?
+        .sqrt()?
+        .recip()?;
+    let dot = (&ga * &x32)?.mean_keepdim(D::Minus1)?;
+    let c = (r.powf(3.0)? * dot)?;
+    let dx = (ga.broadcast_mul(&r)? - x32.broadcast_mul(&c)?)?;
+    dx.to_dtype(x.dtype())
 }
 
 /// Rotary embedding of `x: [B, T, H, D]` (non-interleaved halves) with
@@ -248,26 +264,97 @@ pub(crate) fn attention(
     let probs = Probs::new(&qs, &ks, mask, scale, softcap)?;
     let out = probs.p.matmul(&vs)?;
     record("attention", &[q, k, v], out, move |g| {
-        let g = g.contiguous()?;
-        let dv = probs.p.t()?.matmul(&g)?;
-        let dp = g.matmul(&vs.t()?)?.to_dtype(DType::F32)?;
-        // Softmax backward: p · (dp - Σ dp·p), row by row; the mask's
-        // columns get exact zeros (their p is 0).
-        let p32 = &probs.p32;
-        let dot = (&dp * p32)?.sum_keepdim(D::Minus1)?;
-        let ds = (dp.broadcast_sub(&dot)? * p32)?;
-        // Through the cap: d(cap·tanh(s/cap))/ds = 1 - tanh².
-        let ds = match &probs.tanh {
-            Some(th) => (ds * th.sqr()?.affine(-1.0, 1.0)?)?,
-            None => ds,
+        let (dq, dk, dv) = probs.backward(&qs, &ks, &vs, g, scale)?;
+        Ok([Some(dq), Some(dk), Some(dv)])
+    })
+}
+
+/// What [`attention_block`] applies between the projections and the
+/// attention product.
+pub(crate) struct AttentionBlock<'a> {
+    /// `(query heads, kv heads, head dim)`.
+    pub heads: (usize, usize, usize),
+    /// The query and key norms' multipliers, when the model has them, and
+    /// their epsilon.
+    pub q_alpha: Option<&'a Tensor>,
+    pub k_alpha: Option<&'a Tensor>,
+    pub eps: f64,
+    /// Rotary tables `[B, T, D/2]`.
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    /// `[B, 1, T, T]`, additive.
+    pub mask: &'a Tensor,
+    pub scale: Option<f64>,
+    pub softcap: Option<f64>,
+}
+
+/// A training pass's self-attention over its own columns, from the
+/// projections `q: [B, T, nh·D]`, `k`, `v`: `[B, T, nkv·D]` to the heads'
+/// output `[B, T, nh·D]`: the query and key norms, rotary embedding, the
+/// heads' transposes and [`attention`], one node.
+///
+/// Composed, these are some twenty nodes per layer, and candle's backward
+/// pass gives every node's input its own zeroed gradient buffer and an add
+/// (two kernels each, over activation-sized tensors). Here the reshapes
+/// and transposes are plain copies inside one backward.
+pub(crate) fn attention_block(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    p: &AttentionBlock,
+) -> candle_core::Result<Tensor> {
+    let (nh, nkv, hd) = p.heads;
+    let (b, t, _) = q.dims3()?;
+    let rep = nh / nkv.max(1);
+    let heads_first = move |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
+        // `[B, T, n, D]` -> `[B, n, T, D]`.
+        x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
+    };
+    let normed = |x: &Tensor, alpha: Option<&Tensor>| match alpha {
+        Some(a) => candle_nn::ops::rms_norm(x, a, p.eps as f32),
+        None => Ok(x.clone()),
+    };
+    let (q_in, k_in) = (
+        q.detach().reshape((b, t, nh, hd))?.contiguous()?,
+        k.detach().reshape((b, t, nkv, hd))?.contiguous()?,
+    );
+    let qr = candle_nn::rotary_emb::rope_thd(&normed(&q_in, p.q_alpha)?, p.cos, p.sin)?;
+    let kr = candle_nn::rotary_emb::rope_thd(&normed(&k_in, p.k_alpha)?, p.cos, p.sin)?;
+    // Grouped queries stacked along time, `[B, nkv, R·T, D]`, as in
+    // [`attention`].
+    let qh = heads_first(qr, nh)?.reshape((b, nkv, rep * t, hd))?;
+    let kh = heads_first(kr, nkv)?;
+    let vh = heads_first(v.detach(), nkv)?;
+    let probs = Probs::new(&qh, &kh, p.mask, p.scale, p.softcap)?;
+    let out = probs
+        .p
+        .matmul(&vh)?
+        .reshape((b, nh, t, hd))?
+        .transpose(1, 2)?
+        .reshape((b, t, nh * hd))?;
+    let (cos, sin, scale, eps) = (p.cos.clone(), p.sin.clone(), p.scale, p.eps);
+    let (q_alpha, k_alpha) = (p.q_alpha.cloned(), p.k_alpha.cloned());
+    record("attention-block", &[q, k, v], out, move |g| {
+        let g = heads_first(g.clone(), nh)?.reshape((b, nkv, rep * t, hd))?;
+        let (dq, dk, dv) = probs.backward(&qh, &kh, &vh, &g, scale)?;
+        // Back to `[B, T, n, D]`, through the rotation (its transpose is
+        // the rotation by the opposite angle) and the norm.
+        let neg_sin = sin.neg()?;
+        let back = |d: Tensor, n: usize, x: &Tensor, alpha: &Option<Tensor>| {
+            let d = d.reshape((b, n, t, hd))?.transpose(1, 2)?.contiguous()?;
+            let d = candle_nn::rotary_emb::rope_thd(&d, &cos, &neg_sin)?;
+            let d = match alpha {
+                Some(a) => rms_norm_backward(x, &d, a, eps)?,
+                None => d,
+            };
+            d.reshape((b, t, n * hd))
         };
-        let ds = ds.to_dtype(qs.dtype())?;
-        let ds = match scale {
-            Some(s) => ds.affine(s, 0.0)?,
-            None => ds,
-        };
-        let dq = ds.matmul(&ks)?;
-        let dk = ds.t()?.matmul(&qs)?;
+        let dq = back(dq, nh, &q_in, &q_alpha)?;
+        let dk = back(dk, nkv, &k_in, &k_alpha)?;
+        let dv = dv
+            .transpose(1, 2)?
+            .contiguous()?
+            .reshape((b, t, nkv * hd))?;
         Ok([Some(dq), Some(dk), Some(dv)])
     })
 }
@@ -329,6 +416,38 @@ impl Probs {
         let p32 = candle_nn::ops::softmax_last_dim(&scores)?;
         let p = p32.to_dtype(q.dtype())?;
         Ok(Self { p32, p, tanh })
+    }
+
+    /// The gradients of `p · v` for the incoming `g` (`[B, nkv, R·T, D]`)
+    /// with respect to the `q`, `k` and `v` the probabilities came from
+    /// (contiguous, as they were computed).
+    fn backward(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        g: &Tensor,
+        scale: Option<f64>,
+    ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+        let g = g.contiguous()?;
+        let dv = self.p.t()?.matmul(&g)?;
+        let dp = g.matmul(&v.t()?)?.to_dtype(DType::F32)?;
+        // Softmax backward: p · (dp - Σ dp·p), row by row; the mask's
+        // columns get exact zeros (their p is 0).
+        let p32 = &self.p32;
+        let dot = (&dp * p32)?.sum_keepdim(D::Minus1)?;
+        let ds = (dp.broadcast_sub(&dot)? * p32)?;
+        // Through the cap: d(cap·tanh(s/cap))/ds = 1 - tanh².
+        let ds = match &self.tanh {
+            Some(th) => (ds * th.sqr()?.affine(-1.0, 1.0)?)?,
+            None => ds,
+        };
+        let ds = ds.to_dtype(q.dtype())?;
+        let ds = match scale {
+            Some(s) => ds.affine(s, 0.0)?,
+            None => ds,
+        };
+        Ok((ds.matmul(k)?, ds.t()?.matmul(q)?, dv))
     }
 }
 
@@ -568,13 +687,7 @@ mod tests {
         assert_same(
             &[randn(1, &[2, 3, 8])],
             |t| rms_norm(&t[0], &alpha, 1e-6).unwrap(),
-            |t| {
-                let ms = t[0].sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
-                t[0].broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
-                    .unwrap()
-                    .broadcast_mul(&alpha)
-                    .unwrap()
-            },
+            |t| composed_norm(&t[0], &alpha),
         );
     }
 
@@ -585,21 +698,7 @@ mod tests {
         assert_same(
             &[randn(4, &[2, 5, 3, 8])],
             |t| rope(&t[0], &cos, &sin).unwrap(),
-            |t| {
-                let x = &t[0];
-                let c = Tensor::cat(&[&cos, &cos], D::Minus1)
-                    .unwrap()
-                    .unsqueeze(2)
-                    .unwrap();
-                let s = Tensor::cat(&[&sin, &sin], D::Minus1)
-                    .unwrap()
-                    .unsqueeze(2)
-                    .unwrap();
-                let x1 = x.narrow(D::Minus1, 0, 4).unwrap();
-                let x2 = x.narrow(D::Minus1, 4, 4).unwrap();
-                let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
-                (x.broadcast_mul(&c).unwrap() + rotated.broadcast_mul(&s).unwrap()).unwrap()
-            },
+            |t| composed_rope(&t[0], &cos, &sin),
         );
     }
 
@@ -608,17 +707,7 @@ mod tests {
         // Two kv heads with three query heads each, four query columns
         // against six keys, a causal-looking mask with -inf entries.
         let (b, nkv, rep, t, s, d) = (2, 2, 3, 4, 6, 8);
-        let mask: Vec<f32> = (0..b * t * s)
-            .map(|i| {
-                let (q, k) = ((i / s) % t, i % s);
-                if k > q + 2 {
-                    f32::NEG_INFINITY
-                } else {
-                    0.0
-                }
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).unwrap();
+        let mask = test_mask(b, t, s);
         for (scale, softcap) in [(None, None), (Some(0.3), None), (Some(0.3), Some(1.5))] {
             assert_same(
                 &[
@@ -647,6 +736,125 @@ mod tests {
                     candle_nn::ops::softmax(&scores, D::Minus1)
                         .unwrap()
                         .matmul(&x[2])
+                        .unwrap()
+                },
+            );
+        }
+    }
+
+    /// `rms_norm(x) · alpha` over the last axis, composed.
+    fn composed_norm(x: &Tensor, alpha: &Tensor) -> Tensor {
+        let ms = x.sqr().unwrap().mean_keepdim(D::Minus1).unwrap();
+        x.broadcast_div(&(ms + 1e-6).unwrap().sqrt().unwrap())
+            .unwrap()
+            .broadcast_mul(alpha)
+            .unwrap()
+    }
+
+    /// Rotary embedding of `x: [B, T, H, D]` with tables `[B, T, D/2]`,
+    /// composed (non-interleaved halves).
+    fn composed_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Tensor {
+        let half = x.dim(D::Minus1).unwrap() / 2;
+        let c = Tensor::cat(&[cos, cos], D::Minus1)
+            .unwrap()
+            .unsqueeze(2)
+            .unwrap();
+        let s = Tensor::cat(&[sin, sin], D::Minus1)
+            .unwrap()
+            .unsqueeze(2)
+            .unwrap();
+        let x1 = x.narrow(D::Minus1, 0, half).unwrap();
+        let x2 = x.narrow(D::Minus1, half, half).unwrap();
+        let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
+        (x.broadcast_mul(&c).unwrap() + rotated.broadcast_mul(&s).unwrap()).unwrap()
+    }
+
+    /// A causal-looking additive mask `[B, 1, T, S]` with -inf entries.
+    fn test_mask(b: usize, t: usize, s: usize) -> Tensor {
+        let mask: Vec<f32> = (0..b * t * s)
+            .map(|i| {
+                let (q, k) = ((i / s) % t, i % s);
+                if k > q + 2 {
+                    f32::NEG_INFINITY
+                } else {
+                    0.0
+                }
+            })
+            .collect();
+        Tensor::from_vec(mask, (b, 1, t, s), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn attention_block_matches_norms_rotary_and_attention_composed() {
+        // Four query heads over two kv heads, five columns.
+        let (b, t, nh, nkv, hd) = (2, 5, 4, 2, 8);
+        let angles = randn(40, &[b, t, hd / 2]);
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let mask = test_mask(b, t, t);
+        let (q_alpha, k_alpha) = (randn(41, &[hd]), randn(42, &[hd]));
+        for (norms, scale, softcap) in [(true, None, None), (false, Some(0.3), Some(1.5))] {
+            let block = AttentionBlock {
+                heads: (nh, nkv, hd),
+                q_alpha: norms.then_some(&q_alpha),
+                k_alpha: norms.then_some(&k_alpha),
+                eps: 1e-6,
+                cos: &cos,
+                sin: &sin,
+                mask: &mask,
+                scale,
+                softcap,
+            };
+            assert_same(
+                &[
+                    randn(43, &[b, t, nh * hd]),
+                    randn(44, &[b, t, nkv * hd]),
+                    randn(45, &[b, t, nkv * hd]),
+                ],
+                |x| attention_block(&x[0], &x[1], &x[2], &block).unwrap(),
+                |x| {
+                    let heads = |x: &Tensor, n: usize, alpha: Option<&Tensor>| {
+                        let x = x.reshape((b, t, n, hd)).unwrap();
+                        let x = match alpha {
+                            Some(a) => composed_norm(&x, a),
+                            None => x,
+                        };
+                        composed_rope(&x, &cos, &sin).transpose(1, 2).unwrap()
+                    };
+                    let q = heads(&x[0], nh, block.q_alpha);
+                    let k = heads(&x[1], nkv, block.k_alpha);
+                    let v = x[2]
+                        .reshape((b, t, nkv, hd))
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap();
+                    // Query head h reads kv head h / (nh / nkv).
+                    let rep = nh / nkv;
+                    let k = Tensor::cat(&vec![&k.unsqueeze(2).unwrap(); rep], 2)
+                        .unwrap()
+                        .reshape((b, nh, t, hd))
+                        .unwrap();
+                    let v = Tensor::cat(&vec![&v.unsqueeze(2).unwrap(); rep], 2)
+                        .unwrap()
+                        .reshape((b, nh, t, hd))
+                        .unwrap();
+                    let scores = q.contiguous().unwrap().matmul(&k.t().unwrap()).unwrap();
+                    let scores = match scale {
+                        Some(sc) => (scores * sc).unwrap(),
+                        None => scores,
+                    };
+                    let scores = match softcap {
+                        Some(cap) => ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap(),
+                        None => scores,
+                    };
+                    let probs =
+                        candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1)
+                            .unwrap();
+                    probs
+                        .matmul(&v.contiguous().unwrap())
+                        .unwrap()
+                        .transpose(1, 2)
+                        .unwrap()
+                        .reshape((b, t, nh * hd))
                         .unwrap()
                 },
             );

@@ -65,9 +65,12 @@ unsafe impl Send for SendGraph {}
 /// How many nodes of each kind a captured graph holds: a replayed graph
 /// costs a few µs per node in a chain, whatever the node does, so these
 /// counts bound what a replay can cost.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GraphNodes {
     pub kernels: usize,
+    /// Kernel nodes by the kernel's name, most frequent first (a name the
+    /// driver cannot give is `?`).
+    pub kernel_names: Vec<(String, usize)>,
     pub copies: usize,
     pub sets: usize,
     /// Stream-ordered allocations and frees (candle allocates every
@@ -275,6 +278,7 @@ fn count_nodes(
         .result()
         .map_err(|e| driver(e.0))?;
     let mut counts = GraphNodes::default();
+    let mut names = std::collections::HashMap::<String, usize>::new();
     for node in nodes.into_iter().take(n) {
         let mut kind = std::mem::MaybeUninit::<sys::CUgraphNodeType>::uninit();
         // SAFETY: `node` belongs to the live graph; `kind` is written on
@@ -284,7 +288,10 @@ fn count_nodes(
             .map_err(|e| driver(e.0))?;
         // SAFETY: written by the successful call above.
         match unsafe { kind.assume_init() } {
-            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => counts.kernels += 1,
+            sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_KERNEL => {
+                counts.kernels += 1;
+                *names.entry(kernel_name(node)).or_default() += 1;
+            }
             sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMCPY => counts.copies += 1,
             sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEMSET => counts.sets += 1,
             sys::CUgraphNodeType::CU_GRAPH_NODE_TYPE_MEM_ALLOC => counts.allocs += 1,
@@ -292,7 +299,54 @@ fn count_nodes(
             _ => counts.other += 1,
         }
     }
+    counts.kernel_names = names.into_iter().collect();
+    counts
+        .kernel_names
+        .sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
     Ok(counts)
+}
+
+/// The name of a kernel node's function, shortened to what precedes its
+/// argument list; `?` when the driver cannot say.
+#[cfg(feature = "cuda")]
+fn kernel_name(node: candle_core::cuda_backend::cudarc::driver::sys::CUgraphNode) -> String {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let mut params = std::mem::MaybeUninit::<sys::CUDA_KERNEL_NODE_PARAMS>::zeroed();
+    // SAFETY: `node` is a kernel node of a live graph; `params` is written
+    // on success and read only then.
+    let ok = unsafe { sys::cuGraphKernelNodeGetParams_v2(node, params.as_mut_ptr()) }
+        .result()
+        .is_ok();
+    if !ok {
+        return "?".into();
+    }
+    // SAFETY: written by the successful call above.
+    let params = unsafe { params.assume_init() };
+    // Library kernels (cuBLAS) may come as a `CUkernel`, which the driver
+    // accepts wherever a function handle goes.
+    let func = if params.func.is_null() {
+        params.kern as sys::CUfunction
+    } else {
+        params.func
+    };
+    let mut name: *const std::ffi::c_char = std::ptr::null();
+    // SAFETY: `func` is the node's live function; the driver returns a
+    // pointer to a string it owns, copied before anything else runs.
+    let ok = !func.is_null()
+        && unsafe { sys::cuFuncGetName(&mut name, func) }
+            .result()
+            .is_ok();
+    if !ok || name.is_null() {
+        return "?".into();
+    }
+    // SAFETY: a NUL-terminated string owned by the driver (see above).
+    let full = unsafe { std::ffi::CStr::from_ptr(name) }.to_string_lossy();
+    full.split('(')
+        .next()
+        .unwrap_or("?")
+        .chars()
+        .take(60)
+        .collect()
 }
 
 /// Records what `body` queues on the device's stream as a graph (relaxed

@@ -328,6 +328,26 @@ impl Attention {
         let [q, k, v]: [Tensor; 3] = project(x, &qkv, mode, fused)?
             .try_into()
             .map_err(|_| candle_core::Error::Msg("expected three projections".into()))?;
+        if let (Mode::Train(_), Kv::None) = (mode, &kv) {
+            // A training pass over its own columns: one gradient node from
+            // the projections to the heads' output.
+            let (cos, sin) = &*rope.tables(q.dtype())?;
+            let (scale, softcap) = self.score_scaling(cfg);
+            let norm = self.q_norm.as_ref().or(self.k_norm.as_ref());
+            let block = grad::AttentionBlock {
+                heads: (nh, nkv, hd),
+                q_alpha: self.q_norm.as_ref().map(|n| &n.alpha),
+                k_alpha: self.k_norm.as_ref().map(|n| &n.alpha),
+                eps: norm.map_or(0.0, |n| n.eps),
+                cos,
+                sin,
+                mask,
+                scale,
+                softcap,
+            };
+            let out = grad::attention_block(&q, &k, &v, &block)?;
+            return self.o_proj.forward(&out, mode);
+        }
         let q = q.reshape((b, t, nh, hd))?;
         let k = k.reshape((b, t, nkv, hd))?;
         let v = v.reshape((b, t, nkv, hd))?;

@@ -794,7 +794,7 @@ fn log_replay_timing(steps: &ReplayedSteps, update: std::time::Duration, steps_r
     let t = steps.timing;
     let ms = |d: std::time::Duration, n: usize| d.as_secs_f64() * 1e3 / n.max(1) as f64;
     let passes = t.passes as usize;
-    let nodes = steps.nodes.unwrap_or_default();
+    let nodes = steps.nodes.clone().unwrap_or_default();
     tracing::info!(
         shapes = steps.shapes(),
         replayed_passes = passes,
@@ -807,6 +807,13 @@ fn log_replay_timing(steps: &ReplayedSteps, update: std::time::Duration, steps_r
         sets = nodes.sets,
         allocs = nodes.allocs,
         frees = nodes.frees,
+        top_kernels = nodes
+            .kernel_names
+            .iter()
+            .take(8)
+            .map(|(name, n)| format!("{name}x{n}"))
+            .collect::<Vec<_>>()
+            .join(" "),
         "replayed training steps (mean host time per pass and per update)"
     );
 }

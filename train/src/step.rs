@@ -373,7 +373,11 @@ impl ReplayedSteps {
             match replay.nodes() {
                 Ok(Some(nodes)) => {
                     tracing::debug!(?shape, ?nodes, "captured a training step shape");
-                    if self.nodes.is_none_or(|n| n.total() < nodes.total()) {
+                    if self
+                        .nodes
+                        .as_ref()
+                        .is_none_or(|n| n.total() < nodes.total())
+                    {
                         self.nodes = Some(nodes);
                     }
                 }
