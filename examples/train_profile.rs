@@ -20,7 +20,7 @@ use std::time::Instant;
 use candle_core::Tensor;
 use profile::{arg, ids, random_decoder, timed};
 use router::lora::{self, LoraConfig};
-use router::model::{dense_batch, Dropout, Mode, Replay};
+use router::model::{dense_batch, Mode, Replay, TrainPass};
 
 /// Every projection of a layer, as `train --targets` names them.
 const PROJECTIONS: &str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj";
@@ -69,20 +69,20 @@ fn main() -> anyhow::Result<()> {
     let answer_columns = Tensor::from_vec(columns, answers, &device)?;
     let targets = Tensor::from_vec(ids(answers, 2, vocab), answers, &device)?;
     let weights = Tensor::full(1.0 / answers as f32, answers, &device)?;
-    let seed = Tensor::from_vec(Dropout::seed_words(11).to_vec(), 2, &device)?;
+    let seed = Tensor::from_vec(TrainPass::seed_words(11).to_vec(), 2, &device)?;
     let grads: Vec<Tensor> = vars
         .iter()
         .map(|v| v.as_tensor().zeros_like())
         .collect::<candle_core::Result<_>>()?;
     let hidden_size = dec.cfg.hidden_size;
     let pass = || -> candle_core::Result<()> {
-        let dropout = Dropout::with_seed_buffer(11, &seed);
-        let hidden = dec.forward_rows(&inputs, None, Mode::Train(&dropout))?;
+        let pass = TrainPass::with_seed_buffer(11, &seed);
+        let hidden = dec.forward_rows(&inputs, None, Mode::Train(&pass))?;
         let picked = hidden
             .reshape((rows * width, hidden_size))?
             .index_select(&answer_columns, 0)?;
         let loss = dec.answer_loss(&picked, &targets, &weights)?;
-        let store = loss.backward()?;
+        let store = pass.backward(&loss)?;
         for (buffer, var) in grads.iter().zip(&vars) {
             let Some(g) = store.get(var) else {
                 candle_core::bail!("no gradient for a LoRA variable");

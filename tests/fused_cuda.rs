@@ -25,6 +25,7 @@ use common::{random_decoder_in, tiny_config};
 use router::lora::{self, LoraConfig};
 use router::model::{
     dense_batch, Architecture, Batch, Cache, Decoder, Mode, ModelConfig, StaticCache, StepInputs,
+    TrainPass,
 };
 use router::rng::SplitMix64;
 
@@ -528,16 +529,13 @@ fn gpu_training_steps_equal_cpu_training_steps() {
         let batch = wide();
         let ids = tokens_for(&batch, 2, cfg.vocab_size);
         let t = Tensor::from_vec(ids, (batch.rows.len(), batch.width()), device).unwrap();
-        let dropout = router::model::Dropout::new(77);
+        let pass = TrainPass::new(77);
         let h = dec
-            .forward_hidden(&t, &batch, None, Mode::Train(&dropout))
+            .forward_hidden(&t, &batch, None, Mode::Train(&pass))
             .unwrap();
         let probe = probe(h.dims(), device);
-        let grads = (&h * &probe)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
+        let grads = pass
+            .backward(&(&h * &probe).unwrap().sum_all().unwrap())
             .unwrap();
         let g: Vec<Tensor> = lora::trainable_vars(&dec)
             .iter()
@@ -596,15 +594,15 @@ fn replayed_training_passes_equal_eager_ones() {
     for (batch, seed) in [(&first, 11u64), (&second, 12)] {
         let ids = tokens_for(batch, seed as u32, cfg.vocab_size);
         inputs.fill_rows(&ids, batch, &[]).unwrap();
-        let words = router::model::Dropout::seed_words(seed);
+        let words = TrainPass::seed_words(seed);
         seed_buffer
             .slice_set(&Tensor::new(&words, &dev).unwrap(), 0, 0)
             .unwrap();
         replay
             .run(&dev, "the test pass", || {
-                let dropout = router::model::Dropout::with_seed_buffer(seed, &seed_buffer);
-                let h = dec.forward_rows(&inputs, None, Mode::Train(&dropout))?;
-                let grads = loss(&h)?.backward()?;
+                let pass = TrainPass::with_seed_buffer(seed, &seed_buffer);
+                let h = dec.forward_rows(&inputs, None, Mode::Train(&pass))?;
+                let grads = pass.backward(&loss(&h)?)?;
                 for (buffer, var) in buffers.iter().zip(&vars) {
                     let Some(g) = grads.get(var) else {
                         candle_core::bail!("no gradient");
@@ -635,11 +633,11 @@ fn replayed_training_passes_equal_eager_ones() {
     // The eager pass of the second inputs, its masks drawn from the seed.
     let ids = tokens_for(&second, 12, cfg.vocab_size);
     let t = Tensor::from_vec(ids, (rows, width), &dev).unwrap();
-    let dropout = router::model::Dropout::new(12);
+    let pass = TrainPass::new(12);
     let h = dec
-        .forward_hidden(&t, &second, None, Mode::Train(&dropout))
+        .forward_hidden(&t, &second, None, Mode::Train(&pass))
         .unwrap();
-    let grads = loss(&h).unwrap().backward().unwrap();
+    let grads = pass.backward(&loss(&h).unwrap()).unwrap();
     for (i, (buffer, var)) in buffers.iter().zip(&vars).enumerate() {
         let want = grads.get(var).unwrap();
         check(

@@ -9,7 +9,7 @@ use candle_core::backprop::GradStore;
 use candle_core::{Device, Tensor};
 use common::{max_abs, max_diff, random_decoder, tiny_config};
 use router::lora::{self, Adapter, LoraConfig};
-use router::model::{dense_batch, Architecture, Batch, Cache, Decoder, Dropout, Mode};
+use router::model::{dense_batch, Architecture, Batch, Cache, Decoder, Mode, TrainPass};
 
 const ARCHS: [Architecture; 2] = [Architecture::Gemma3, Architecture::Llama];
 
@@ -17,10 +17,10 @@ fn tiny(arch: Architecture) -> Decoder {
     random_decoder(&tiny_config(arch), 7, &Device::Cpu)
 }
 
-/// A training-mode generator; the tests' adapters have no dropout, so it
-/// never draws.
-fn no_dropout() -> Dropout {
-    Dropout::new(0)
+/// A training pass; the tests' adapters have no dropout, so it never
+/// draws.
+fn no_dropout() -> TrainPass {
+    TrainPass::new(0)
 }
 
 fn ids(n: usize, salt: u32) -> Vec<u32> {
@@ -183,10 +183,11 @@ fn gradients_reach_only_lora_weights() {
     for arch in ARCHS {
         let dec = adapted(arch, &qkvo());
         let seq = ids(6, 8);
-        let logits = full_logits(&dec, &seq, Mode::Train(&no_dropout()));
+        let pass = no_dropout();
+        let logits = full_logits(&dec, &seq, Mode::Train(&pass));
         let targets = Tensor::new(&ids(6, 9)[..], &Device::Cpu).unwrap();
         let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
-        let grads: GradStore = loss.backward().unwrap();
+        let grads: GradStore = pass.backward(&loss).unwrap();
         let vars = lora::trainable_vars(&dec);
         assert_eq!(vars.len(), 24);
         for (i, v) in vars.iter().enumerate() {
@@ -217,22 +218,26 @@ fn gradients_reach_only_lora_weights() {
 /// Every projection's pair, `A` and `B`, in both architectures: one
 /// coordinate's analytic derivative against the numerical one. Covers every
 /// fused training node (projections with their adapters, norms, rotary,
-/// attention) as the whole model chains them.
+/// attention) as the whole model chains them; with adapters on the
+/// attention only, the first layer's pairs' gradients also pass through
+/// frozen projections (the MLP's).
 #[test]
 fn gradients_match_finite_differences() {
     let all = LoraConfig::new(4, 8.0, 0.0, &common::PROJECTIONS);
-    for arch in ARCHS {
-        let dec = adapted(arch, &all);
+    let runs = [(&all, "layers.1.", 14), (&qkvo(), "layers.0.", 8)];
+    for (arch, (cfg, layer, pairs)) in ARCHS.into_iter().flat_map(|a| runs.map(|r| (a, r))) {
+        let dec = adapted(arch, cfg);
         let seq = ids(7, 2);
         let targets = Tensor::new(&ids(7, 3)[..], &Device::Cpu).unwrap();
-        let loss_of = |d: &Decoder| {
-            let l = full_logits(d, &seq, Mode::Train(&no_dropout()));
+        let loss_of = |d: &Decoder, pass: &TrainPass| {
+            let l = full_logits(d, &seq, Mode::Train(pass));
             candle_nn::loss::cross_entropy(&l, &targets).unwrap()
         };
-        let grads = loss_of(&dec).backward().unwrap();
+        let pass = no_dropout();
+        let grads = pass.backward(&loss_of(&dec, &pass)).unwrap();
         let mut checked = 0;
-        for l in dec.linears().filter(|l| l.name().contains("layers.1.")) {
-            let lora = l.lora().unwrap();
+        for l in dec.linears().filter(|l| l.name().contains(layer)) {
+            let Some(lora) = l.lora() else { continue };
             for (which, var) in [("A", lora.a()), ("B", lora.b())] {
                 let k = 5;
                 let analytic = grads
@@ -251,7 +256,7 @@ fn gradients_match_finite_differences() {
                     v[k] += delta;
                     var.set(&Tensor::from_vec(v, orig.shape(), &Device::Cpu).unwrap())
                         .unwrap();
-                    loss_of(&dec).to_scalar::<f32>().unwrap()
+                    loss_of(&dec, &no_dropout()).to_scalar::<f32>().unwrap()
                 };
                 let numeric = (bump(eps) - bump(-eps)) / (2.0 * eps);
                 var.set(&orig).unwrap();
@@ -263,7 +268,7 @@ fn gradients_match_finite_differences() {
                 checked += 1;
             }
         }
-        assert_eq!(checked, 14, "{arch:?}");
+        assert_eq!(checked, pairs, "{arch:?}");
     }
 }
 
@@ -400,10 +405,11 @@ fn cpu_q8_copies_leave_the_gradients_of_a_short_training_step_alone() {
         // Three positions: within both bounds (`Q8_HEAD_MAX_ROWS` is 4).
         let seq = ids(3, 2);
         let grads = |dec: &Decoder| -> GradStore {
-            let logits = full_logits(dec, &seq, Mode::Train(&no_dropout()));
+            let pass = no_dropout();
+            let logits = full_logits(dec, &seq, Mode::Train(&pass));
             let targets = Tensor::new(&ids(3, 5)[..], &Device::Cpu).unwrap();
             let loss = candle_nn::loss::cross_entropy(&logits, &targets).unwrap();
-            loss.backward().unwrap()
+            pass.backward(&loss).unwrap()
         };
         let (want, got) = (grads(&plain), grads(&quantized));
         // The clone shares the variables, so both stores key on the same ones.

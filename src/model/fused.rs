@@ -22,10 +22,16 @@
 //!   [`attention`], between candle's two matmuls; [`repeat_rows`]: the
 //!   system prefix's keys and values for every message of a batch.
 //!
-//! Two serve training, inside `grad.rs`'s nodes (which record their
-//! gradients): [`dropout_mask`] draws a LoRA dropout mask in one kernel, and
-//! [`add_rounded`] adds the LoRA term to the frozen projection (forward) and
-//! to the input gradient (backward), where candle took three or four.
+//! Others serve training, inside `grad.rs`'s nodes (which record their
+//! gradients), each where candle took several kernels:
+//! - [`dropout_mask`] draws a LoRA dropout mask; [`cast_scaled`] casts a
+//!   LoRA branch's input with its mask (backward: the gradient with the
+//!   adapter's scaling); [`add_rounded`] adds the LoRA term to the frozen
+//!   projection (backward: to the input gradient);
+//! - [`rms_norm_grad`]: a norm's backward;
+//! - [`gated_grad`]: the MLP's activation and product backward;
+//! - [`nll_rows`] and [`nll_grad`]: the loss over the head's logits and
+//!   its gradient.
 //!
 //! Each rounds to the compute dtype where candle's kernels do, so a fused
 //! step differs from an eager one only by the order of f32 sums

@@ -3,20 +3,26 @@
 //! with a backward written out by hand.
 //!
 //! candle records every composed op as a node, and its backward pass costs
-//! several kernels per node (the gradient, a zeroed buffer, an add). A
-//! training step of Gemma-3-270M's structure with LoRA on every projection
-//! had ~3,600 nodes and well over 10,000 backward kernels, and on a GPU,
-//! where each kernel costs its launch, that overhead was most of the step
-//! (190 ms, 85 ms as fused nodes on an H200). Each function
-//! here replaces a chain of composed ops by one node: a LoRA projection (12
-//! nodes before), an RMS norm (7), rotary embedding (10), the attention core
-//! (12), the gated MLP's activation and product (about 15 kernels backward
-//! for GELU), and the loss over the head's logits (about twenty passes over
-//! `[n, vocab]`). The forward kernels are the ones inference runs, so
-//! training and inference compute the same thing.
+//! several kernels per node: the gradient itself, and for every argument a
+//! zeroed buffer and an add (with their allocations). A training step of
+//! Gemma-3-270M's structure with LoRA on every projection had ~3,600 nodes
+//! and well over 10,000 backward kernels, and on a GPU, where each kernel
+//! costs its launch (a few µs even replayed from a CUDA graph), that
+//! overhead was most of the step. Each function here replaces a chain of
+//! composed ops by one node, and the nodes take as few arguments as the
+//! structure allows:
+//! - [`lora_linear`]: a projection with its LoRA pair, one argument (the
+//!   pair's gradients go to the pass's [`GradSink`], not through candle's
+//!   graph);
+//! - [`attention_block`]: from the q/k/v projections to the heads' output
+//!   (query/key norms, rotary embedding, transposes, attention);
+//! - [`rms_norm`] (one kernel backward on CUDA), [`gated`] (the MLP's
+//!   activation and product) and [`weighted_nll`] (the loss over the
+//!   head's logits, one kernel each way on CUDA).
 //!
-//! The unit tests check every node's output and gradients against the
-//! composed ops it replaces.
+//! The forward kernels are the ones inference runs, so training and
+//! inference compute the same thing; the unit tests check every node's
+//! output and gradients against the composed ops it replaces.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
@@ -36,14 +42,19 @@ struct Node {
 }
 
 /// Records `out`, computed from detached copies of `args`, as one node over
-/// `args` whose backward is `backward`. Returns `out` itself when no
-/// argument records gradients (inference, or frozen inputs).
+/// `args` whose backward is `backward`: on the current [`Tape`] while one is
+/// open on this thread, else in candle's gradient graph. Returns `out`
+/// itself when no argument records gradients (inference, or frozen inputs)
+/// and no tape is open.
 fn record(
     name: &'static str,
     args: &[&Tensor],
     out: Tensor,
     backward: impl Fn(&Tensor) -> candle_core::Result<[Option<Tensor>; 3]> + Send + Sync + 'static,
 ) -> candle_core::Result<Tensor> {
+    if let Some(tape) = Tape::current() {
+        return tape.push(args, out, Box::new(backward));
+    }
     if !args.iter().any(|a| a.track_op()) {
         return Ok(out);
     }
@@ -64,6 +75,190 @@ fn record(
         [a, b] => a.apply_op2(b, node),
         [a, b, c] => a.apply_op3(b, c, node),
         _ => candle_core::bail!("{name}: a node takes one to three arguments"),
+    }
+}
+
+/// The nodes of one block of a training pass (a decoder layer), recorded
+/// here instead of in candle's gradient graph, and the block as one node of
+/// that graph ([`taped`]).
+///
+/// candle's backward pass gives every argument of every node a zeroed
+/// buffer and an add, whatever the argument (an activation-sized memset
+/// and add each): about twenty per layer, a sixth of a Gemma-3-270M
+/// step's kernel time on an H200. A tape's backward walks its nodes in
+/// reverse and keeps each gradient as its node returned it, adding only
+/// where two nodes read the same tensor.
+///
+/// Every op inside a taped block must be one of this module's nodes: an op
+/// of candle's on the block's (detached) tensors would record nothing, and
+/// the gradient through it would be lost. The decoder's training blocks
+/// are built from these nodes only (`tests/tiny_model.rs` checks their
+/// gradients against finite differences).
+#[derive(Default)]
+pub(crate) struct Tape {
+    entries: std::sync::Mutex<Vec<TapeEntry>>,
+}
+
+struct TapeEntry {
+    out: candle_core::TensorId,
+    args: Vec<candle_core::TensorId>,
+    backward: Backward,
+}
+
+thread_local! {
+    static CURRENT_TAPE: std::cell::RefCell<Option<std::sync::Arc<Tape>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+impl Tape {
+    fn current() -> Option<std::sync::Arc<Tape>> {
+        CURRENT_TAPE.with(|t| t.borrow().clone())
+    }
+
+    fn lock(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Vec<TapeEntry>>> {
+        self.entries
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("a gradient tape was poisoned".into()))
+    }
+
+    fn push(
+        &self,
+        args: &[&Tensor],
+        out: Tensor,
+        backward: Backward,
+    ) -> candle_core::Result<Tensor> {
+        self.lock()?.push(TapeEntry {
+            out: out.id(),
+            args: args.iter().map(|a| a.id()).collect(),
+            backward,
+        });
+        Ok(out)
+    }
+
+    /// The gradients reaching every tensor of the tape from `grad`, the
+    /// gradient of its output `out`.
+    fn backward(
+        &self,
+        out: candle_core::TensorId,
+        grad: Tensor,
+    ) -> candle_core::Result<std::collections::HashMap<candle_core::TensorId, Tensor>> {
+        let entries = self.lock()?;
+        let mut grads = std::collections::HashMap::new();
+        grads.insert(out, grad);
+        for entry in entries.iter().rev() {
+            let Some(g) = grads.remove(&entry.out) else {
+                continue;
+            };
+            let arg_grads = (entry.backward)(&g)?;
+            for (id, ga) in entry.args.iter().zip(arg_grads) {
+                let Some(ga) = ga else { continue };
+                let sum = match grads.remove(id) {
+                    Some(held) => (held + ga)?,
+                    None => ga,
+                };
+                grads.insert(*id, sum);
+            }
+        }
+        Ok(grads)
+    }
+}
+
+/// `f(x)` with every node `f` records kept on its own [`Tape`], recorded
+/// as one node over `x` in candle's graph (or on the enclosing tape): a
+/// whole decoder layer costs candle's backward pass one argument.
+pub(crate) fn taped(
+    x: &Tensor,
+    f: impl FnOnce(&Tensor) -> candle_core::Result<Tensor>,
+) -> candle_core::Result<Tensor> {
+    let tape = std::sync::Arc::new(Tape::default());
+    let input = x.detach();
+    let outer = CURRENT_TAPE.with(|t| t.replace(Some(tape.clone())));
+    let out = f(&input);
+    CURRENT_TAPE.with(|t| *t.borrow_mut() = outer);
+    let out = out?;
+    let (input_id, out_id) = (input.id(), out.id());
+    record("taped", &[x], out, move |g| {
+        let mut grads = tape.backward(out_id, g.clone())?;
+        Ok([grads.remove(&input_id), None, None])
+    })
+}
+
+/// `a + b` (same shapes), one node.
+pub(crate) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    let out = (a.detach() + b.detach())?;
+    record("add", &[a, b], out, |g| {
+        Ok([Some(g.clone()), Some(g.clone()), None])
+    })
+}
+
+/// `x Wᵀ` for a frozen `W: [out, in]` and `x` of any leading shape, one
+/// node whose backward returns only the input's gradient, `g W`.
+pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let Some((&features, leading)) = dims.split_last() else {
+        candle_core::bail!("a projection needs an input of rank >= 1");
+    };
+    let rows = leading.iter().product::<usize>();
+    let w = w.clone();
+    let out = x.detach().reshape((rows, features))?.matmul(&w.t()?)?;
+    let mut out_dims = leading.to_vec();
+    out_dims.push(w.dim(0)?);
+    let out = out.reshape(out_dims)?;
+    record("frozen-linear", &[x], out, move |g| {
+        let g2 = g.reshape((rows, w.dim(0)?))?;
+        Ok([Some(g2.matmul(&w)?.reshape(dims.as_slice())?), None, None])
+    })
+}
+
+/// Gradients of training variables that a node's backward hands over
+/// directly instead of through candle's gradient graph.
+///
+/// candle's backward pass gives every argument of every node a zeroed
+/// buffer and adds the node's gradient into it: for the 252 LoRA matrices
+/// of a Gemma-3-270M step that is 252 memsets, 252 adds and their
+/// allocations, a tenth of a captured step's graph. A LoRA node instead
+/// records only its input as an argument and puts its pair's gradients
+/// here; [`GradSink::drain_into`] moves them into the pass's `GradStore`.
+#[derive(Debug, Default)]
+pub(crate) struct GradSink {
+    grads: std::sync::Mutex<Vec<(Tensor, Tensor)>>,
+}
+
+impl GradSink {
+    /// Adds `grad` to the gradient held for `var` (a training variable's
+    /// tensor), or holds it.
+    fn put(&self, var: &Tensor, grad: Tensor) -> candle_core::Result<()> {
+        let mut grads = self
+            .grads
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("a gradient sink was poisoned".into()))?;
+        match grads.iter_mut().find(|(v, _)| v.id() == var.id()) {
+            Some((_, held)) => *held = (&*held + grad)?,
+            None => grads.push((var.clone(), grad)),
+        }
+        Ok(())
+    }
+
+    /// Moves every held gradient into `store`, added to what it holds for
+    /// the same variable.
+    pub(crate) fn drain_into(
+        &self,
+        store: &mut candle_core::backprop::GradStore,
+    ) -> candle_core::Result<()> {
+        let held = std::mem::take(
+            &mut *self
+                .grads
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("a gradient sink was poisoned".into()))?,
+        );
+        for (var, grad) in held {
+            let grad = match store.remove(&var) {
+                Some(other) => (other + grad)?,
+                None => grad,
+            };
+            store.insert(&var, grad);
+        }
+        Ok(())
     }
 }
 
@@ -456,6 +651,12 @@ impl Probs {
 /// of any leading shape. `keep` is the dropout mask already scaled by
 /// `1 / (1 - p)` (`[rows, in]`, f32), `None` without dropout. The adapter's
 /// term is computed in f32 and added in `x`'s dtype.
+///
+/// The node's one argument is `x`: with a `sink`, its backward puts the
+/// pair's gradients there (candle's graph never sees `A` and `B`, see
+/// [`GradSink`]); without one nothing is recorded for them. A pass that
+/// trains must make `x` record gradients (the decoder makes its embedded
+/// input a variable), or the node is not part of the graph at all.
 pub(crate) fn lora_linear(
     x: &Tensor,
     w: &Tensor,
@@ -463,6 +664,7 @@ pub(crate) fn lora_linear(
     b: &Tensor,
     scaling: f64,
     keep: Option<Tensor>,
+    sink: Option<&std::sync::Arc<GradSink>>,
 ) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let Some((&features, leading)) = dims.split_last() else {
@@ -496,11 +698,15 @@ pub(crate) fn lora_linear(
         (base + delta.affine(scaling, 0.0)?.to_dtype(x.dtype())?)?
     }
     .reshape(out_dims)?;
-    let x_needs_grad = x.track_op();
+    let Some(sink) = sink.cloned() else {
+        return Ok(out);
+    };
+    let (a, b) = (a.clone(), b.clone());
     let dtype = x.dtype();
-    record("lora-linear", &[x, a, b], out, move |g| {
+    record("lora-linear", &[x], out, move |g| {
         let g2 = g.reshape((rows, w.dim(0)?))?;
-        // The gradient reaching h: scaling · g B; B's: scaling · gᵀ h.
+        // The gradient reaching h: scaling · g B; B's: scaling · gᵀ h;
+        // A's: (g B)ᵀ xd.
         let (gh, db) = if fused_add {
             let gs = fused::cast_scaled(&g2, None, scaling)?;
             (gs.matmul(&b_s)?, gs.t()?.matmul(&h)?)
@@ -511,23 +717,19 @@ pub(crate) fn lora_linear(
                 g32.t()?.matmul(&h)?.affine(scaling, 0.0)?,
             )
         };
-        let da = gh.t()?.matmul(&xd)?;
-        let dx = if x_needs_grad {
-            let through_lora = gh.matmul(&a_s)?;
-            let dx = if fused_add {
-                fused::add_rounded(&g2.matmul(&w)?, &through_lora, keep.as_ref(), 1.0)?
-            } else {
-                let through_lora = match &keep {
-                    Some(k) => (through_lora * k)?,
-                    None => through_lora,
-                };
-                (g2.matmul(&w)? + through_lora.to_dtype(dtype)?)?
-            };
-            Some(dx.reshape(dims.as_slice())?)
+        sink.put(&a, gh.t()?.matmul(&xd)?)?;
+        sink.put(&b, db)?;
+        let through_lora = gh.matmul(&a_s)?;
+        let dx = if fused_add {
+            fused::add_rounded(&g2.matmul(&w)?, &through_lora, keep.as_ref(), 1.0)?
         } else {
-            None
+            let through_lora = match &keep {
+                Some(k) => (through_lora * k)?,
+                None => through_lora,
+            };
+            (g2.matmul(&w)? + through_lora.to_dtype(dtype)?)?
         };
-        Ok([dx, Some(da), Some(db)])
+        Ok([Some(dx.reshape(dims.as_slice())?), None, None])
     })
 }
 
@@ -638,10 +840,12 @@ mod tests {
     }
 
     /// Runs `f` over fresh variables made of `inputs` and returns its output
-    /// and each input's gradient of `sum(out · probe)`.
+    /// and each input's gradient of `sum(out · probe)`, taking what `sink`
+    /// (which `f` may fill) holds too.
     fn value_and_grads(
         inputs: &[Tensor],
         probe: &Tensor,
+        sink: Option<&GradSink>,
         f: impl Fn(&[Tensor]) -> Tensor,
     ) -> (Tensor, Vec<Tensor>) {
         let vars: Vec<Var> = inputs
@@ -651,7 +855,10 @@ mod tests {
         let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         let out = f(&ts);
         let loss = (&out * probe).unwrap().sum_all().unwrap();
-        let grads = loss.backward().unwrap();
+        let mut grads = loss.backward().unwrap();
+        if let Some(sink) = sink {
+            sink.drain_into(&mut grads).unwrap();
+        }
         let g = vars
             .iter()
             .map(|v| grads.get(v).expect("a gradient for every input").clone())
@@ -666,10 +873,20 @@ mod tests {
         fused: impl Fn(&[Tensor]) -> Tensor,
         composed: impl Fn(&[Tensor]) -> Tensor,
     ) {
+        assert_same_with_sink(inputs, None, fused, composed)
+    }
+
+    /// [`assert_same`] for a node that puts gradients in `sink`.
+    fn assert_same_with_sink(
+        inputs: &[Tensor],
+        sink: Option<&GradSink>,
+        fused: impl Fn(&[Tensor]) -> Tensor,
+        composed: impl Fn(&[Tensor]) -> Tensor,
+    ) {
         let shape = composed(inputs).dims().to_vec();
         let probe = randn(99, &shape);
-        let (a, ga) = value_and_grads(inputs, &probe, fused);
-        let (b, gb) = value_and_grads(inputs, &probe, composed);
+        let (a, ga) = value_and_grads(inputs, &probe, sink, fused);
+        let (b, gb) = value_and_grads(inputs, &probe, None, composed);
         assert!(
             max_diff(&a, &b) < 1e-5,
             "outputs differ by {}",
@@ -871,14 +1088,16 @@ mod tests {
             .unwrap()
             / 0.8)
             .unwrap();
+        let sink = std::sync::Arc::new(GradSink::default());
         for mask in [None, Some(keep)] {
-            assert_same(
+            assert_same_with_sink(
                 &[
                     randn(10, &[2, 3, 8]),
                     randn(11, &[4, 8]),
                     randn(12, &[5, 4]),
                 ],
-                |t| lora_linear(&t[0], &w, &t[1], &t[2], 0.7, mask.clone()).unwrap(),
+                Some(&sink),
+                |t| lora_linear(&t[0], &w, &t[1], &t[2], 0.7, mask.clone(), Some(&sink)).unwrap(),
                 |t| {
                     let x2 = t[0].reshape((6, 8)).unwrap();
                     let xd = match &mask {

@@ -7,11 +7,14 @@
 //! LoRA weights stay in f32 whatever the compute dtype.
 
 use std::cell::Cell;
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
+use candle_core::backprop::GradStore;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor, Var};
 
+use super::grad::GradSink;
 use super::q8::Q8Matrix;
 use super::{fused, grad};
 
@@ -22,8 +25,60 @@ pub enum Mode<'a> {
     Infer,
     /// The same kernels, each block recorded as one gradient-graph node with
     /// its own backward (`grad.rs`); LoRA dropout draws its masks from the
-    /// given generator, which the trainer owns (one per step).
-    Train(&'a Dropout),
+    /// pass's generator and the LoRA pairs' gradients go to the pass's
+    /// sink ([`TrainPass::backward`] collects them). The trainer owns the
+    /// pass (one per micro-batch).
+    Train(&'a TrainPass),
+}
+
+/// One training pass: the generator its LoRA dropout masks come from and
+/// the sink its LoRA pairs' gradients go to.
+///
+/// LoRA nodes hand their pairs' gradients over directly rather than
+/// through candle's gradient graph (see `grad::GradSink`), so a pass's
+/// gradients are those of [`TrainPass::backward`], never of a bare
+/// `loss.backward()` (which holds none for the LoRA variables).
+#[derive(Debug)]
+pub struct TrainPass {
+    dropout: Dropout,
+    grads: Arc<GradSink>,
+}
+
+impl TrainPass {
+    /// A pass whose dropout masks are drawn from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self::with(Dropout::new(seed))
+    }
+
+    /// A pass whose CUDA dropout masks read the seed from `buffer` when
+    /// their kernel runs (two u32, low word first: [`TrainPass::seed_words`]),
+    /// as a step captured as a CUDA graph needs: its kernels replay with the
+    /// arguments they were captured with, and the trainer rewrites the
+    /// buffer before every replay. Draws the same masks as
+    /// [`TrainPass::new`] with the same seed.
+    pub fn with_seed_buffer(seed: u64, buffer: &Tensor) -> Self {
+        Self::with(Dropout::with_seed_buffer(seed, buffer))
+    }
+
+    fn with(dropout: Dropout) -> Self {
+        Self {
+            dropout,
+            grads: Arc::default(),
+        }
+    }
+
+    /// `seed` as the two u32 words a seed buffer holds.
+    pub fn seed_words(seed: u64) -> [u32; 2] {
+        [seed as u32, (seed >> 32) as u32]
+    }
+
+    /// The gradients of `loss`, a scalar computed in this pass: candle's
+    /// backward pass plus the LoRA gradients the pass's nodes handed over.
+    pub fn backward(&self, loss: &Tensor) -> candle_core::Result<GradStore> {
+        let mut store = loss.backward()?;
+        self.grads.drain_into(&mut store)?;
+        Ok(store)
+    }
 }
 
 /// The dropout masks of one training step.
@@ -40,7 +95,7 @@ pub enum Mode<'a> {
 /// device buffer instead ([`Dropout::with_seed_buffer`]), which the trainer
 /// rewrites before every replay.
 #[derive(Debug)]
-pub struct Dropout {
+pub(crate) struct Dropout {
     seed: u64,
     /// `seed` on the device (a u64 as two u32), read by the CUDA kernel
     /// when it runs.
@@ -60,7 +115,7 @@ impl Dropout {
     }
 
     /// The generator of one step whose seed also lies in `buffer` (two u32,
-    /// low word first: [`Dropout::seed_words`]); CUDA masks read it from
+    /// low word first: [`TrainPass::seed_words`]); CUDA masks read it from
     /// there when their kernel runs, host masks use `seed`. Both draw the
     /// same masks as [`Dropout::new`] with the same seed.
     pub fn with_seed_buffer(seed: u64, buffer: &Tensor) -> Self {
@@ -68,11 +123,6 @@ impl Dropout {
             buffer: Some(buffer.clone()),
             ..Self::new(seed)
         }
-    }
-
-    /// `seed` as the two u32 words a seed buffer holds.
-    pub fn seed_words(seed: u64) -> [u32; 2] {
-        [seed as u32, (seed >> 32) as u32]
     }
 
     /// An inverted-dropout mask of `shape` (f32): each element is 0 with
@@ -383,13 +433,19 @@ impl Linear {
         let w = self.merged.as_ref().unwrap_or(&self.weight);
         match (&self.lora, &self.merged, mode) {
             // An unmerged (trainable) pair: one node for the projection and
-            // its adapter, its dropout mask drawn in training only.
+            // its adapter, its dropout mask drawn and its gradients
+            // collected in training only.
             (Some(lora), None, _) => {
-                let keep = match mode {
-                    Mode::Train(rng) if lora.dropout > 0.0 => {
+                let pass = match mode {
+                    Mode::Train(pass) => Some(pass),
+                    Mode::Infer => None,
+                };
+                let keep = match pass {
+                    Some(pass) if lora.dropout > 0.0 => {
                         let features = x.dims().last().copied().unwrap_or(1).max(1);
                         let rows = x.elem_count() / features;
-                        Some(rng.keep_mask((rows, features), lora.dropout, x.device())?)
+                        let dropout = &pass.dropout;
+                        Some(dropout.keep_mask((rows, features), lora.dropout, x.device())?)
                     }
                     _ => None,
                 };
@@ -400,13 +456,14 @@ impl Linear {
                     lora.b.as_tensor(),
                     lora.scaling,
                     keep,
+                    pass.map(|p| &p.grads),
                 )
             }
             (_, _, Mode::Infer) => match q8_forward(self.q8.as_ref(), x, Q8_MAX_ROWS)? {
                 Some(y) => Ok(y),
                 None => matmul_t(x, w),
             },
-            (_, _, Mode::Train(_)) => frozen_matmul_t(x, w),
+            (_, _, Mode::Train(_)) => grad::frozen_linear(x, w),
         }
     }
 }

@@ -934,16 +934,16 @@ impl Decoder {
             // In the compute dtype, as transformers rounds it.
             h = h.affine(scale, 0.0)?;
         }
-        let mut kv = kv.into_iter();
-        let Some(first) = self.layers.first() else {
-            return self.norm.forward(&h, mode);
-        };
-        // `x` is each block's normed input; the fused kernels compute a
-        // residual add together with the norm that follows it.
-        let mut x = first.attn_norm.forward(&h, mode)?;
-        for (i, layer) in self.layers.iter().enumerate() {
+        if let Mode::Train(_) = mode {
+            // LoRA nodes record only their input (their pairs' gradients go
+            // to the pass's sink), so every node must lie on a path from a
+            // variable: the embedded input is made one (a copy; its own
+            // gradient is computed and never read).
+            h = candle_core::Var::from_tensor(&h)?.into_inner();
+        }
+        let layer_rope = |layer: &Layer| {
             let local = layer.sliding && self.needs_local();
-            let rope = Rope {
+            Rope {
                 rotary: if local {
                     &self.rotary_local
                 } else {
@@ -956,11 +956,47 @@ impl Decoder {
                         Some(l) if local => l,
                         _ => global,
                     }),
-            };
-            let mask = match (layer.sliding, masks.local) {
-                (true, Some(m)) => m,
-                _ => masks.global,
-            };
+            }
+        };
+        let layer_mask = |layer: &Layer| match (layer.sliding, masks.local) {
+            (true, Some(m)) => m,
+            _ => masks.global,
+        };
+        let mut kv = kv.into_iter().peekable();
+        if let (Mode::Train(_), Some(Kv::None)) = (mode, kv.peek()) {
+            // A training pass over its own columns: each layer is one node
+            // of candle's gradient graph, its own nodes on a tape
+            // (`grad::taped`), so candle's backward pass handles one
+            // argument per layer. The same blocks as below, each layer's
+            // input norm inside it.
+            for layer in &self.layers {
+                let (rope, mask) = (layer_rope(layer), layer_mask(layer));
+                h = grad::taped(&h, |h| {
+                    let x = layer.attn_norm.forward(h, mode)?;
+                    let a =
+                        layer
+                            .attn
+                            .forward(&x, &self.cfg, &rope, mask, Kv::None, mode, false)?;
+                    let post = layer.attn_out_norm.as_ref();
+                    let (h_mid, xm) = residual_norm(&a, h, post, &layer.mlp_norm, mode, false)?;
+                    let m = layer.mlp.forward(&xm, self.activation, mode, false)?;
+                    let m = match &layer.mlp_out_norm {
+                        Some(n) => n.forward(&m, mode)?,
+                        None => m,
+                    };
+                    grad::add(&h_mid, &m)
+                })?;
+            }
+            return self.norm.forward(&h, mode);
+        }
+        let Some(first) = self.layers.first() else {
+            return self.norm.forward(&h, mode);
+        };
+        // `x` is each block's normed input; the fused kernels compute a
+        // residual add together with the norm that follows it.
+        let mut x = first.attn_norm.forward(&h, mode)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let (rope, mask) = (layer_rope(layer), layer_mask(layer));
             let Some(slot) = kv.next() else {
                 candle_core::bail!("no key/value slot for layer {i}");
             };
@@ -1220,7 +1256,10 @@ fn residual_norm(
         Some(n) => n.forward(x, mode)?,
         None => x.clone(),
     };
-    let h = (residual + x)?;
+    let h = match mode {
+        Mode::Train(_) => grad::add(residual, &x)?,
+        Mode::Infer => (residual + x)?,
+    };
     let y = next.forward(&h, mode)?;
     Ok((h, y))
 }

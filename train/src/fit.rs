@@ -14,7 +14,7 @@ use clap::Args;
 use router::cli::Toggle;
 use router::dataset::{read_merged, Example};
 use router::lora::{self, Adapter, LoraConfig};
-use router::model::{Decoder, Dropout, Mode};
+use router::model::{Decoder, Mode, TrainPass};
 use router::prompt::PromptFormat;
 use router::prompt::{parse_reply, Reply};
 use router::rng::SplitMix64;
@@ -725,10 +725,9 @@ fn train_loop(
             loss_sum += match replayed.as_mut() {
                 Some(steps) => steps.run(dec, micro, norm, seed, accumulate, share_prefix, opt)?,
                 None => {
-                    let dropout = Dropout::new(seed);
-                    let mode = Mode::Train(&dropout);
-                    let (loss, _) = batch_loss(dec, micro, norm, mode, share_prefix)?;
-                    opt.store_grads(&loss.backward()?, accumulate)?;
+                    let pass = TrainPass::new(seed);
+                    let (loss, _) = batch_loss(dec, micro, norm, Mode::Train(&pass), share_prefix)?;
+                    opt.store_grads(&pass.backward(&loss)?, accumulate)?;
                     loss.to_scalar::<f32>()? as f64
                 }
             };

@@ -16,7 +16,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use router::model::{
-    dense_batch, Batch, Cache, Decoder, Dropout, GraphNodes, Mode, Replay, StepInputs,
+    dense_batch, Batch, Cache, Decoder, GraphNodes, Mode, Replay, StepInputs, TrainPass,
 };
 
 use crate::optim::AdamW;
@@ -333,7 +333,7 @@ impl ReplayedSteps {
             .slice_set(&Tensor::from_vec(targets, slots, &dev)?, 0, 0)?;
         step.weights
             .slice_set(&Tensor::from_vec(weights, slots, &dev)?, 0, 0)?;
-        let words = Dropout::seed_words(seed);
+        let words = TrainPass::seed_words(seed);
         self.seed.slice_set(&Tensor::new(&words, &dev)?, 0, 0)?;
         let ShapeStep {
             prefix,
@@ -347,8 +347,8 @@ impl ReplayedSteps {
         let replayed = replay.is_captured();
         let launched = std::time::Instant::now();
         replay.run(&dev, "this training step shape", || {
-            let dropout = Dropout::with_seed_buffer(seed, seed_buffer);
-            let mode = Mode::Train(&dropout);
+            let pass = TrainPass::with_seed_buffer(seed, seed_buffer);
+            let mode = Mode::Train(&pass);
             let mut cache = match prefix.as_ref() {
                 Some(prefix) => {
                     let mut shared = Cache::default();
@@ -359,8 +359,7 @@ impl ReplayedSteps {
             };
             let hidden = dec.forward_rows(inputs, cache.as_mut(), mode)?;
             let loss = answer_loss(dec, &hidden, answers, targets, weights)?;
-            let store = loss.backward()?;
-            opt.store_grads(&store, accumulate)?;
+            opt.store_grads(&pass.backward(&loss)?, accumulate)?;
             loss_buffer.slice_set(&loss.reshape(1)?, 0, 0)
         })?;
         let loss = self.loss.to_vec1::<f32>()?[0] as f64;
@@ -459,13 +458,14 @@ mod tests {
         assert_eq!(shared_prefix_len(&refs), 10);
         assert_eq!(shared_prefix_len(&refs[..1]), 0);
 
-        let dropout = Dropout::new(0);
-        let mode = Mode::Train(&dropout);
-        let (shared, n) = batch_loss(&dec, &refs, 1.0, mode, true).unwrap();
+        // One pass each: a pass's sink holds every LoRA gradient it made.
+        let (shared_pass, whole_pass) = (TrainPass::new(0), TrainPass::new(0));
+        let (shared, n) = batch_loss(&dec, &refs, 1.0, Mode::Train(&shared_pass), true).unwrap();
         let mut whole = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
         let mut count = 0;
         for r in &refs {
-            let (loss, k) = batch_loss(&dec, std::slice::from_ref(r), 1.0, mode, true).unwrap();
+            let one = std::slice::from_ref(r);
+            let (loss, k) = batch_loss(&dec, one, 1.0, Mode::Train(&whole_pass), true).unwrap();
             whole = (whole + loss).unwrap();
             count += k;
         }
@@ -475,7 +475,10 @@ mod tests {
             whole.to_scalar::<f32>().unwrap(),
         );
         assert!((a - b).abs() < 1e-4 * b.abs(), "{a} vs {b}");
-        let (ga, gb) = (shared.backward().unwrap(), whole.backward().unwrap());
+        let (ga, gb) = (
+            shared_pass.backward(&shared).unwrap(),
+            whole_pass.backward(&whole).unwrap(),
+        );
         for var in dec.lora_vars() {
             let (x, y) = (ga.get(&var).unwrap(), gb.get(&var).unwrap());
             let scale = common::max_abs(y);
@@ -497,9 +500,10 @@ mod tests {
         let vars = dec.lora_vars();
         let opt = AdamW::new(vars, AdamWConfig::default()).unwrap();
         let loss = if eager {
-            let dropout = Dropout::new(0);
-            let (loss, _) = batch_loss(dec, batch, norm, Mode::Train(&dropout), false).unwrap();
-            opt.store_grads(&loss.backward().unwrap(), false).unwrap();
+            let pass = TrainPass::new(0);
+            let (loss, _) = batch_loss(dec, batch, norm, Mode::Train(&pass), false).unwrap();
+            opt.store_grads(&pass.backward(&loss).unwrap(), false)
+                .unwrap();
             loss.to_scalar::<f32>().unwrap() as f64
         } else {
             let mut steps = ReplayedSteps::new(dec, 4).unwrap();
@@ -565,10 +569,10 @@ mod tests {
         // Six tokens, two of them answers: fewer rows than either Q8 bound.
         let rows = [row(&[], &[5, 9, 14, 20, 33, 41], 4)];
         let refs: Vec<&Tokenized> = rows.iter().collect();
-        let dropout = Dropout::new(0);
-        let (loss, n) = batch_loss(&dec, &refs, 1.0, Mode::Train(&dropout), true).unwrap();
+        let pass = TrainPass::new(0);
+        let (loss, n) = batch_loss(&dec, &refs, 1.0, Mode::Train(&pass), true).unwrap();
         assert_eq!(n, 2);
-        let grads = loss.backward().unwrap();
+        let grads = pass.backward(&loss).unwrap();
         for (i, var) in dec.lora_vars().iter().enumerate() {
             let g = grads
                 .get(var)
