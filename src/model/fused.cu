@@ -159,17 +159,15 @@ __device__ void add_rms_norm(const T *x, const T *residual, const T *a_post, con
 // Training: the gradient of y = rms_norm(x) · alpha (candle's kernel, f32
 // inside) for the incoming gradient g, one block per row of n features:
 // dx = r·(g·a) - x·r³·mean(g·a·x) with r = (mean(x²) + eps)^-½, in f32 and
-// rounded to T once; plus `add` (the gradient reaching x by another path,
-// the residual stream's) when given, in f32 before the rounding.
+// rounded to T once.
 template <typename T>
-__device__ void rms_norm_grad(const T *x, const T *g, const T *alpha, const T *add, T *dx,
-                              const int n, const float eps) {
+__device__ void rms_norm_grad(const T *x, const T *g, const T *alpha, T *dx, const int n,
+                              const float eps) {
     __shared__ float scratch[32];
     const size_t row = blockIdx.x;
     x += row * n;
     g += row * n;
     dx += row * n;
-    if (add != nullptr) add += row * n;
     float sq = 0.0f, dot = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const float xv = to_f(x[i]);
@@ -181,9 +179,7 @@ __device__ void rms_norm_grad(const T *x, const T *g, const T *alpha, const T *a
     const float r = rsqrtf(sq / n + eps);
     const float c = r * r * r * dot / n;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        float v = r * to_f(g[i]) * to_f(alpha[i]) - to_f(x[i]) * c;
-        if (add != nullptr) v += to_f(add[i]);
-        dx[i] = from_f<T>(v);
+        dx[i] = from_f<T>(r * to_f(g[i]) * to_f(alpha[i]) - to_f(x[i]) * c);
     }
 }
 
@@ -807,9 +803,8 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
         add_rounded<T>(base, delta, mul, out, n, scale);                                         \
     }                                                                                            \
     extern "C" __global__ void rms_norm_grad_##SUFFIX(const T *x, const T *g, const T *alpha,   \
-                                                      const T *add, T *dx, const int n,          \
-                                                      const float eps) {                         \
-        rms_norm_grad<T>(x, g, alpha, add, dx, n, eps);                                          \
+                                                      T *dx, const int n, const float eps) {     \
+        rms_norm_grad<T>(x, g, alpha, dx, n, eps);                                               \
     }                                                                                            \
     extern "C" __global__ void gated_##SUFFIX(const T *gate, const T *up, T *out,               \
                                               const size_t n, const int act) {                   \

@@ -212,17 +212,15 @@ pub(crate) fn nll_grad(
 }
 
 /// Training: the gradient of `rms_norm(x) · alpha` over the last axis for
-/// the incoming gradient `g` (both `[.., n]`, `alpha` `[n]`, one dtype),
-/// plus `add` (another gradient reaching `x`, of its shape) when given: one
+/// the incoming gradient `g` (both `[.., n]`, `alpha` `[n]`, one dtype): one
 /// kernel per call, where the composed backward is about fifteen.
 pub(crate) fn rms_norm_grad(
     x: &Tensor,
     g: &Tensor,
     alpha: &Tensor,
-    add: Option<&Tensor>,
     eps: f64,
 ) -> candle_core::Result<Tensor> {
-    imp::rms_norm_grad(x, g, alpha, add, eps)
+    imp::rms_norm_grad(x, g, alpha, eps)
 }
 
 /// Training: `f32(x) · scale` (times `mul`, f32 of `x`'s shape, when
@@ -315,7 +313,6 @@ mod imp {
         _: &Tensor,
         _: &Tensor,
         _: &Tensor,
-        _: Option<&Tensor>,
         _: f64,
     ) -> candle_core::Result<Tensor> {
         unavailable()
@@ -641,18 +638,16 @@ mod imp {
         x: &Tensor,
         g: &Tensor,
         alpha: &Tensor,
-        add: Option<&Tensor>,
         eps: f64,
     ) -> candle_core::Result<Tensor> {
         let dev = cuda(x)?;
         let dtype = x.dtype();
         let n = x.dims().last().copied().unwrap_or(1);
-        if g.shape() != x.shape() || add.is_some_and(|a| a.shape() != x.shape()) {
+        if g.shape() != x.shape() {
             candle_core::bail!(
-                "rms_norm_grad: input {:?}, gradient {:?} and addend {:?} differ",
+                "rms_norm_grad: input {:?} and gradient {:?} differ",
                 x.shape(),
-                g.shape(),
-                add.map(Tensor::shape)
+                g.shape()
             );
         }
         if alpha.dims() != [n] {
@@ -661,23 +656,14 @@ mod imp {
                 alpha.dims()
             );
         }
-        let mut checked = vec![g, alpha];
-        checked.extend(add);
-        same_dtype(dtype, &checked)?;
+        same_dtype(dtype, &[g, alpha])?;
         let (x, g, alpha) = (x.contiguous()?, g.contiguous()?, alpha.contiguous()?);
-        let add = add.map(Tensor::contiguous).transpose()?;
         let dx = uninit(&dev, dtype, x.shape().clone())?;
         let rows = x.elem_count() / n.max(1);
         if rows == 0 {
             return Ok(dx);
         }
-        let ptrs = [
-            addr(&x)?,
-            addr(&g)?,
-            addr(&alpha)?,
-            add.as_ref().map(addr).transpose()?.unwrap_or(0),
-            addr(&dx)?,
-        ];
+        let ptrs = [addr(&x)?, addr(&g)?, addr(&alpha)?, addr(&dx)?];
         let (n32, eps) = (n as i32, eps as f32);
         let args = with_addresses(&ptrs, &[&n32, &eps]);
         let cfg = LaunchConfig {
@@ -685,8 +671,8 @@ mod imp {
             block_dim: (row_threads(n), 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: `x`, `g`, `dx` (and `add`, checked) hold `rows x n`
-        // contiguous elements, `alpha` `n`; a null `add` is skipped.
+        // SAFETY: `x`, `g` and `dx` hold `rows x n` contiguous elements,
+        // `alpha` `n`.
         unsafe { launch(&dev, "rms_norm_grad", dtype, cfg, &args) }?;
         Ok(dx)
     }

@@ -409,7 +409,7 @@ fn rms_norm_backward(
     eps: f64,
 ) -> candle_core::Result<Tensor> {
     if fused::available(x.device(), x.dtype()) {
-        return fused::rms_norm_grad(x, g, alpha, None, eps);
+        return fused::rms_norm_grad(x, g, alpha, eps);
     }
     let x32 = x.to_dtype(DType::F32)?;
     let ga = g
