@@ -116,6 +116,13 @@ pub struct FitArgs {
     #[arg(long, value_enum, default_value_t = Toggle::Auto)]
     #[serde(default)]
     pub graphs: Toggle,
+    /// Let f32 matrix products on CUDA (the LoRA branches') use TF32
+    /// tensor cores: a 10-bit mantissa in the products, f32 sums; still
+    /// finer than bf16, in which PEFT computes LoRA on a bf16 model
+    /// (`auto`: on CUDA; the CPU is always exact f32).
+    #[arg(long, value_enum, default_value_t = Toggle::Auto)]
+    #[serde(default)]
+    pub tf32: Toggle,
     /// Group rows of similar length into each step (less padding; the
     /// steps' order stays random). Off by default: on the dev CPU it did not
     /// change tokens/s once the shared prefix is passed once (109 both).
@@ -678,6 +685,7 @@ fn train_loop(
     let mut update_time = std::time::Duration::ZERO;
     let loop_started = Instant::now();
     let share_prefix = passes_shared_prefix(args.shared_prefix, &device);
+    candle_core::cuda::set_gemm_reduced_precision_f32(args.tf32.is_on(device.is_cuda()));
     let mut replayed = if args.graphs.is_on(device.is_cuda()) {
         opt.set_graphs(true);
         Some(ReplayedSteps::new(
