@@ -592,6 +592,15 @@ mod imp {
         (n.div_ceil(2).div_ceil(32) * 32).clamp(32, 1024) as u32
     }
 
+    /// One block per row of `rows` rows of `n` elements.
+    fn per_row(rows: usize, n: usize) -> LaunchConfig {
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (row_threads(n), 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
     pub(super) fn add_rms_norm(
         x: &Tensor,
         residual: &Tensor,
@@ -619,11 +628,7 @@ mod imp {
         let a_next = addr(next.0)?;
         let (h_ptr, y_ptr) = (addr(&out.get(0)?)?, addr(&out.get(1)?)?);
         let (n32, eps_post, eps_next) = (n as i32, post.map_or(0.0, |p| p.1) as f32, next.1 as f32);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (row_threads(n), 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = per_row(rows, n);
         let args: [&dyn Arg; 9] = [
             &ax, &ar, &a_post, &a_next, &h_ptr, &y_ptr, &n32, &eps_post, &eps_next,
         ];
@@ -666,11 +671,7 @@ mod imp {
         let ptrs = [addr(&x)?, addr(&g)?, addr(&alpha)?, addr(&dx)?];
         let (n32, eps) = (n as i32, eps as f32);
         let args = with_addresses(&ptrs, &[&n32, &eps]);
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (row_threads(n), 1, 1),
-            shared_mem_bytes: 0,
-        };
+        let cfg = per_row(rows, n);
         // SAFETY: `x`, `g` and `dx` hold `rows x n` contiguous elements,
         // `alpha` `n`.
         unsafe { launch(&dev, "rms_norm_grad", dtype, cfg, &args) }?;

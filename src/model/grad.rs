@@ -24,6 +24,7 @@
 //! inference compute the same thing; the unit tests check every node's
 //! output and gradients against the composed ops it replaces.
 
+use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor, D};
 
 use super::family::Activation;
@@ -135,13 +136,14 @@ impl Tape {
         Ok(out)
     }
 
-    /// The gradients reaching every tensor of the tape from `grad`, the
-    /// gradient of its output `out`.
+    /// The gradient reaching `input` (the tensor the tape's nodes start
+    /// from) from `grad`, the gradient of the tape's output `out`.
     fn backward(
         &self,
+        input: candle_core::TensorId,
         out: candle_core::TensorId,
         grad: Tensor,
-    ) -> candle_core::Result<std::collections::HashMap<candle_core::TensorId, Tensor>> {
+    ) -> candle_core::Result<Option<Tensor>> {
         let entries = self.lock()?;
         let mut grads = std::collections::HashMap::new();
         grads.insert(out, grad);
@@ -159,7 +161,7 @@ impl Tape {
                 grads.insert(*id, sum);
             }
         }
-        Ok(grads)
+        Ok(grads.remove(&input))
     }
 }
 
@@ -178,8 +180,7 @@ pub(crate) fn taped(
     let out = out?;
     let (input_id, out_id) = (input.id(), out.id());
     record("taped", &[x], out, move |g| {
-        let mut grads = tape.backward(out_id, g.clone())?;
-        Ok([grads.remove(&input_id), None, None])
+        Ok([tape.backward(input_id, out_id, g.clone())?, None, None])
     })
 }
 
@@ -191,23 +192,91 @@ pub(crate) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
     })
 }
 
-/// `x Wᵀ` for a frozen `W: [out, in]` and `x` of any leading shape, one
-/// node whose backward returns only the input's gradient, `g W`.
-pub(crate) fn frozen_linear(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
+/// `x Wᵀ` for a frozen `W` (`[out, in]`, never a training variable) and
+/// `x` of any leading shape: the backward pass returns only the input's
+/// gradient, `g W`. candle's matmul backward computes both operands'
+/// gradients, which for a frozen weight is a whole extra matrix product per
+/// projection and step, and for the tied 262k-row output head a gradient
+/// buffer the size of the embedding.
+///
+/// On an open [`Tape`] the product is recorded there like every node of
+/// the taped block; elsewhere it is a custom op of candle's graph, which
+/// computes its output in place (a recorded node hands candle a copy, and
+/// the head's output is the step's largest tensor).
+pub(crate) fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let dims = x.dims().to_vec();
     let Some((&features, leading)) = dims.split_last() else {
         candle_core::bail!("a projection needs an input of rank >= 1");
     };
     let rows = leading.iter().product::<usize>();
-    let w = w.clone();
-    let out = x.detach().reshape((rows, features))?.matmul(&w.t()?)?;
     let mut out_dims = leading.to_vec();
     out_dims.push(w.dim(0)?);
-    let out = out.reshape(out_dims)?;
-    record("frozen-linear", &[x], out, move |g| {
+    if Tape::current().is_none() {
+        return x
+            .reshape((rows, features))?
+            .apply_op2(&w.contiguous()?, FrozenMatmulT)?
+            .reshape(out_dims);
+    }
+    let w = w.clone();
+    let out = x.detach().reshape((rows, features))?.matmul(&w.t()?)?;
+    record("frozen-matmul-t", &[x], out.reshape(out_dims)?, move |g| {
         let g2 = g.reshape((rows, w.dim(0)?))?;
         Ok([Some(g2.matmul(&w)?.reshape(dims.as_slice())?), None, None])
     })
+}
+
+struct FrozenMatmulT;
+
+impl FrozenMatmulT {
+    /// `(m, k, n)` and the layout of `Wᵀ` for `x: [m, k]`, `w: [n, k]`.
+    fn shapes(x: &Layout, w: &Layout) -> candle_core::Result<((usize, usize, usize), Layout)> {
+        let (&[m, k], &[n, wk]) = (x.dims(), w.dims()) else {
+            candle_core::bail!("frozen matmul: expected 2-D operands, got {x:?} and {w:?}");
+        };
+        if k != wk {
+            candle_core::bail!("frozen matmul: input has {k} features, the weight {wk}");
+        }
+        Ok(((m, k, n), w.transpose(0, 1)?))
+    }
+}
+
+impl CustomOp2 for FrozenMatmulT {
+    fn name(&self) -> &'static str {
+        "frozen-matmul-t"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        xl: &Layout,
+        w: &CpuStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        let ((m, k, n), wt) = Self::shapes(xl, wl)?;
+        Ok((x.matmul(w, (1, m, n, k), xl, &wt)?, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        xl: &Layout,
+        w: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        let ((m, k, n), wt) = Self::shapes(xl, wl)?;
+        Ok((x.matmul(w, (1, m, n, k), xl, &wt)?, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _y: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), None))
+    }
 }
 
 /// Gradients of training variables that a node's backward hands over
@@ -273,7 +342,6 @@ impl Node {
 
     #[cfg(feature = "cuda")]
     fn cuda_out(&self) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        use candle_core::backend::BackendStorage;
         let (storage, layout) = self.out.storage_and_layout();
         match &*storage {
             candle_core::Storage::Cuda(s) => Ok((s.try_clone(layout)?, self.out.shape().clone())),
@@ -934,15 +1002,8 @@ mod tests {
                 ],
                 |x| attention(&x[0], &x[1], &x[2], &mask, scale, softcap).unwrap(),
                 |x| {
-                    let scores = x[0].matmul(&x[1].t().unwrap()).unwrap();
-                    let scores = match scale {
-                        Some(sc) => (scores * sc).unwrap(),
-                        None => scores,
-                    };
-                    let scores = match softcap {
-                        Some(cap) => ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap(),
-                        None => scores,
-                    };
+                    let scores =
+                        scaled_and_capped(x[0].matmul(&x[1].t().unwrap()).unwrap(), scale, softcap);
                     let scores = scores
                         .reshape((b, nkv, rep, t, s))
                         .unwrap()
@@ -984,6 +1045,19 @@ mod tests {
         let x2 = x.narrow(D::Minus1, half, half).unwrap();
         let rotated = Tensor::cat(&[&x2.neg().unwrap(), &x1], D::Minus1).unwrap();
         (x.broadcast_mul(&c).unwrap() + rotated.broadcast_mul(&s).unwrap()).unwrap()
+    }
+
+    /// Attention scores times `scale` and under `cap · tanh(s / cap)`, when
+    /// given, composed.
+    fn scaled_and_capped(scores: Tensor, scale: Option<f64>, softcap: Option<f64>) -> Tensor {
+        let scores = match scale {
+            Some(sc) => (scores * sc).unwrap(),
+            None => scores,
+        };
+        match softcap {
+            Some(cap) => ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap(),
+            None => scores,
+        }
     }
 
     /// A causal-looking additive mask `[B, 1, T, S]` with -inf entries.
@@ -1054,15 +1128,11 @@ mod tests {
                         .unwrap()
                         .reshape((b, nh, t, hd))
                         .unwrap();
-                    let scores = q.contiguous().unwrap().matmul(&k.t().unwrap()).unwrap();
-                    let scores = match scale {
-                        Some(sc) => (scores * sc).unwrap(),
-                        None => scores,
-                    };
-                    let scores = match softcap {
-                        Some(cap) => ((scores / cap).unwrap().tanh().unwrap() * cap).unwrap(),
-                        None => scores,
-                    };
+                    let scores = scaled_and_capped(
+                        q.contiguous().unwrap().matmul(&k.t().unwrap()).unwrap(),
+                        scale,
+                        softcap,
+                    );
                     let probs =
                         candle_nn::ops::softmax(&scores.broadcast_add(&mask).unwrap(), D::Minus1)
                             .unwrap();

@@ -9,10 +9,9 @@
 use std::cell::Cell;
 use std::sync::Arc;
 
-use candle_core::backend::BackendStorage;
 use candle_core::backprop::GradStore;
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, CustomOp2, DType, Device, Layout, Module, Shape, Tensor, Var};
+use candle_core::{DType, Device, Module, Tensor, Var};
 
 use super::grad::GradSink;
 use super::q8::Q8Matrix;
@@ -463,7 +462,7 @@ impl Linear {
                 Some(y) => Ok(y),
                 None => matmul_t(x, w),
             },
-            (_, _, Mode::Train(_)) => grad::frozen_linear(x, w),
+            (_, _, Mode::Train(_)) => grad::frozen_matmul_t(x, w),
         }
     }
 }
@@ -489,79 +488,6 @@ pub(crate) fn matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
     let mut out_dims = leading.to_vec();
     out_dims.push(w.dim(0)?);
     y.reshape(out_dims)
-}
-
-/// `x Wᵀ` for a frozen `W` (`[out, in]`, never a training variable): the
-/// backward pass returns only the input's gradient. candle's matmul backward
-/// computes both operands' gradients, which for a frozen weight is a whole
-/// extra matrix product per projection and step, and for the tied
-/// 262k-row output head a gradient buffer the size of the embedding.
-pub(crate) fn frozen_matmul_t(x: &Tensor, w: &Tensor) -> candle_core::Result<Tensor> {
-    let dims = x.dims();
-    let Some((&in_features, leading)) = dims.split_last() else {
-        candle_core::bail!("frozen_matmul_t needs an input of rank >= 1");
-    };
-    let rows = leading.iter().product::<usize>();
-    let y = x
-        .reshape((rows, in_features))?
-        .apply_op2(&w.contiguous()?, FrozenMatmulT)?;
-    let mut out_dims = leading.to_vec();
-    out_dims.push(w.dim(0)?);
-    y.reshape(out_dims)
-}
-
-struct FrozenMatmulT;
-
-impl FrozenMatmulT {
-    /// `(m, k, n)` and the layout of `Wᵀ` for `x: [m, k]`, `w: [n, k]`.
-    fn shapes(x: &Layout, w: &Layout) -> candle_core::Result<((usize, usize, usize), Layout)> {
-        let (&[m, k], &[n, wk]) = (x.dims(), w.dims()) else {
-            candle_core::bail!("frozen matmul: expected 2-D operands, got {x:?} and {w:?}");
-        };
-        if k != wk {
-            candle_core::bail!("frozen matmul: input has {k} features, the weight {wk}");
-        }
-        Ok(((m, k, n), w.transpose(0, 1)?))
-    }
-}
-
-impl CustomOp2 for FrozenMatmulT {
-    fn name(&self) -> &'static str {
-        "frozen-matmul-t"
-    }
-
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        let ((m, k, n), wt) = Self::shapes(xl, wl)?;
-        Ok((x.matmul(w, (1, m, n, k), xl, &wt)?, Shape::from((m, n))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        x: &candle_core::CudaStorage,
-        xl: &Layout,
-        w: &candle_core::CudaStorage,
-        wl: &Layout,
-    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let ((m, k, n), wt) = Self::shapes(xl, wl)?;
-        Ok((x.matmul(w, (1, m, n, k), xl, &wt)?, Shape::from((m, n))))
-    }
-
-    fn bwd(
-        &self,
-        _x: &Tensor,
-        w: &Tensor,
-        _y: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((Some(grad.matmul(w)?), None))
-    }
 }
 
 #[cfg(test)]

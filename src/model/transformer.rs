@@ -34,7 +34,7 @@ use super::family::{Activation, Family};
 use super::fused::{self, KvTarget, QkRope};
 use super::grad;
 use super::linear::{
-    frozen_matmul_t, linear, q8_forward, q8_head_copy, Linear, Lora, Mode, Q8Copy, Q8_HEAD_MAX_ROWS,
+    linear, q8_forward, q8_head_copy, Linear, Lora, Mode, Q8Copy, Q8_HEAD_MAX_ROWS,
 };
 
 /// Root-mean-square norm through candle's fused kernel (f32 inside) in
@@ -1268,13 +1268,13 @@ fn residual_norm(
 /// matrix-vector product, which candle's gemm runs on one thread: the
 /// vocabulary is split over the CPU threads instead (the tied 262k x 640
 /// f32 head: 70 -> 35 ms on two cores). Everything else goes through
-/// [`frozen_matmul_t`] unchanged.
+/// [`grad::frozen_matmul_t`] unchanged.
 fn head_matmul(hidden: &Tensor, head: &Tensor) -> candle_core::Result<Tensor> {
     let threads = candle_core::utils::get_num_threads();
     let (vocab, features) = head.dims2()?;
     let single_row = hidden.elem_count() == features;
     if !hidden.device().is_cpu() || !single_row || threads < 2 || vocab * features < (1 << 22) {
-        return frozen_matmul_t(hidden, head);
+        return grad::frozen_matmul_t(hidden, head);
     }
     let chunk = vocab.div_ceil(threads);
     let parts =
@@ -1283,10 +1283,10 @@ fn head_matmul(hidden: &Tensor, head: &Tensor) -> candle_core::Result<Tensor> {
                 .step_by(chunk)
                 .map(|start| {
                     let len = chunk.min(vocab - start);
-                    scope.spawn(move || frozen_matmul_t(hidden, &head.narrow(0, start, len)?))
+                    scope.spawn(move || grad::frozen_matmul_t(hidden, &head.narrow(0, start, len)?))
                 })
                 .collect();
-            let mut parts = vec![frozen_matmul_t(hidden, &head.narrow(0, 0, chunk)?)?];
+            let mut parts = vec![grad::frozen_matmul_t(hidden, &head.narrow(0, 0, chunk)?)?];
             for worker in workers {
                 parts.push(worker.join().map_err(|_| {
                     candle_core::Error::Msg("a head matmul thread panicked".into())
