@@ -513,17 +513,25 @@ fn probe(dims: &[usize], device: &Device) -> Tensor {
         .unwrap()
 }
 
-/// Training on the GPU takes two kernels of its own: the dropout mask
-/// (drawn from the same counter-based stream as on the CPU) and the LoRA
-/// term added to the frozen projection. In f32 a training forward with
-/// dropout and its LoRA gradients must equal the CPU's.
+/// Training on the GPU takes kernels of its own (`grad.rs`'s nodes): the
+/// dropout mask (drawn from the same counter-based stream as on the CPU),
+/// the LoRA term added to the frozen projection, the norms and their
+/// backward, the heads' transposes, the attention probabilities and their
+/// backward, the adds where gradients meet. In f32 a training forward with
+/// dropout and its LoRA gradients must equal the CPU's composed ops, for
+/// every shape under test (the soft-capped one takes the cap's backward).
 #[test]
 fn gpu_training_steps_equal_cpu_training_steps() {
     let Some(dev) = gpu() else { return };
-    let cfg = tiny_config(Architecture::Gemma3);
+    for (name, cfg) in configs() {
+        training_step_on_both(name, &cfg, &dev);
+    }
+}
+
+fn training_step_on_both(name: &str, cfg: &ModelConfig, dev: &Device) {
     let lora_cfg = LoraConfig::new(4, 8.0, 0.25, &common::PROJECTIONS);
     let run = |device: &Device| {
-        let mut dec = random_decoder_in(&cfg, 3, device, DType::F32);
+        let mut dec = random_decoder_in(cfg, 3, device, DType::F32);
         lora::init(&mut dec, &lora_cfg, 9).unwrap();
         common::randomize_lora_b(&dec, 4, 0.2);
         let batch = wide();
@@ -544,11 +552,104 @@ fn gpu_training_steps_equal_cpu_training_steps() {
         (h.to_device(&Device::Cpu).unwrap(), g)
     };
     let (want_h, want_g) = run(&Device::Cpu);
-    let (got_h, got_g) = run(&dev);
-    check("training forward with dropout", &got_h, &want_h, DType::F32);
+    let (got_h, got_g) = run(dev);
+    check(
+        &format!("{name}: training forward with dropout"),
+        &got_h,
+        &want_h,
+        DType::F32,
+    );
     assert_eq!(got_g.len(), want_g.len());
     for (i, (g, w)) in got_g.iter().zip(&want_g).enumerate() {
-        check(&format!("LoRA gradient {i}"), g, w, DType::F32);
+        check(&format!("{name}: LoRA gradient {i}"), g, w, DType::F32);
+    }
+}
+
+/// The optimizer's kernels (`FusedAdamW`: the gradients' norm, clipping,
+/// AdamW with weight decay, every tensor at once) against AdamW written out
+/// per element in f64 on the host, over three steps with clipping active,
+/// for tensors of three lengths (one spans several blocks) whose gradients
+/// and moments are rows of stacked buffers.
+#[test]
+fn fused_adamw_equals_adamw_written_out() {
+    let Some(dev) = gpu() else { return };
+    let lens = [6usize, 5000, 300];
+    let mut rng = SplitMix64(4);
+    let mut draw =
+        |n: usize| -> Vec<f32> { (0..n).map(|_| rng.next_f64() as f32 * 2.0 - 1.0).collect() };
+    let init: Vec<Vec<f32>> = lens.iter().map(|&n| draw(n)).collect();
+    let params: Vec<Tensor> = init
+        .iter()
+        .map(|v| Tensor::new(v.as_slice(), &dev).unwrap())
+        .collect();
+    // Each tensor's gradient and moments: a row of a buffer of two rows.
+    let stacked = |n: usize| Tensor::zeros((2, n), DType::F32, &dev).unwrap();
+    let (g_bufs, m_bufs, v_bufs): (Vec<_>, Vec<_>, Vec<_>) = lens
+        .iter()
+        .map(|&n| (stacked(n), stacked(n), stacked(n)))
+        .fold((vec![], vec![], vec![]), |mut acc, (g, m, v)| {
+            acc.0.push(g);
+            acc.1.push(m);
+            acc.2.push(v);
+            acc
+        });
+    let row = |bufs: &[Tensor]| -> Vec<Tensor> { bufs.iter().map(|b| b.get(1).unwrap()).collect() };
+    let kernels =
+        router::model::FusedAdamW::new(&params, &row(&g_bufs), &row(&m_bufs), &row(&v_bufs))
+            .unwrap()
+            .expect("the kernels run on CUDA");
+    let (beta1, beta2, eps, wd, lr, max_norm) = (0.9, 0.999, 1e-8, 0.01, 0.01, 0.5);
+    let hyper = Tensor::zeros(4, DType::F32, &dev).unwrap();
+    let norm = Tensor::zeros(1, DType::F32, &dev).unwrap();
+    let mut p: Vec<Vec<f64>> = init
+        .iter()
+        .map(|v| v.iter().map(|&x| x as f64).collect())
+        .collect();
+    let mut m: Vec<Vec<f64>> = lens.iter().map(|&n| vec![0.0; n]).collect();
+    let mut v = m.clone();
+    for step in 1..=3 {
+        let g: Vec<Vec<f32>> = lens.iter().map(|&n| draw(n)).collect();
+        for (buf, gk) in g_bufs.iter().zip(&g) {
+            let t = Tensor::new(gk.as_slice(), &dev)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap();
+            buf.slice_set(&t, 0, 1).unwrap();
+        }
+        let bc1 = 1.0 - f64::powi(beta1, step);
+        let bc2 = 1.0 - f64::powi(beta2, step);
+        let h = [lr / bc1, 1.0 - lr * wd, 1.0 / bc2, max_norm].map(|x| x as f32);
+        hyper
+            .slice_set(&Tensor::new(&h, &dev).unwrap(), 0, 0)
+            .unwrap();
+        kernels.apply(&hyper, &norm, beta1, beta2, eps).unwrap();
+        let want: f64 = g
+            .iter()
+            .flatten()
+            .map(|&x| (x as f64).powi(2))
+            .sum::<f64>()
+            .sqrt();
+        let got = norm.to_vec1::<f32>().unwrap()[0] as f64;
+        assert!((got - want).abs() < 1e-5 * want, "norm {got} vs {want}");
+        let clip = (max_norm / (want + 1e-6)).min(1.0);
+        for k in 0..lens.len() {
+            for e in 0..lens[k] {
+                let gi = g[k][e] as f64 * clip;
+                m[k][e] = beta1 * m[k][e] + (1.0 - beta1) * gi;
+                v[k][e] = beta2 * v[k][e] + (1.0 - beta2) * gi * gi;
+                let upd = (m[k][e] / bc1) / ((v[k][e] / bc2).sqrt() + eps);
+                p[k][e] = p[k][e] * (1.0 - lr * wd) - lr * upd;
+            }
+        }
+    }
+    for (k, (t, want)) in params.iter().zip(&p).enumerate() {
+        let got = t.to_vec1::<f32>().unwrap();
+        for (a, b) in got.iter().zip(want) {
+            assert!((*a as f64 - b).abs() < 1e-5, "tensor {k}: {a} vs {b}");
+        }
+        // The other row of each stacked buffer is untouched.
+        let untouched = g_bufs[k].get(0).unwrap().abs().unwrap().sum_all().unwrap();
+        assert_eq!(untouched.to_scalar::<f32>().unwrap(), 0.0);
     }
 }
 

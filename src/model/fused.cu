@@ -496,6 +496,224 @@ __device__ void cast_scaled(const T *x, const float *mul, float *out, const size
     }
 }
 
+// Training: y = rms_norm(x) · alpha over rows of n features, as candle's
+// rmsnorm kernel computes it ((r · x) · alpha in f32, rounded to T once),
+// one block per row with a thread per pair of features (candle's kernel
+// gives a row one warp).
+template <typename T>
+__device__ void rms_norm_rows(const T *x, const T *alpha, T *y, const int n, const float eps) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    x += row * n;
+    y += row * n;
+    float sq = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = to_f(x[i]);
+        sq += v * v;
+    }
+    sq = block_sum(sq, scratch);
+    const float r = rsqrtf(sq / n + eps);
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        y[i] = from_f<T>(r * to_f(x[i]) * to_f(alpha[i]));
+    }
+}
+
+// Eight consecutive elements written from floats (aligned as for load8).
+__device__ __forceinline__ void store8(__nv_bfloat16 *p, const float *v) {
+    uint4 raw;
+    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4 *>(p) = raw;
+}
+__device__ __forceinline__ void store8(__half *p, const float *v) {
+    uint4 raw;
+    __half2 *h = reinterpret_cast<__half2 *>(&raw);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) h[i] = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+    *reinterpret_cast<uint4 *>(p) = raw;
+}
+__device__ __forceinline__ void store8(float *p, const float *v) {
+    *reinterpret_cast<float4 *>(p) = make_float4(v[0], v[1], v[2], v[3]);
+    *reinterpret_cast<float4 *>(p + 4) = make_float4(v[4], v[5], v[6], v[7]);
+}
+
+// Training: out = a + b in T (the sum rounded once, as candle's add), eight
+// elements per thread (every pointer 16-byte aligned, n a multiple of 8):
+// a residual add, or two gradients meeting at a tensor two nodes read.
+template <typename T>
+__device__ void add8(const T *a, const T *b, T *out, const size_t n8) {
+    FOR_EACH_INDEX(i, n8) {
+        float x[8], y[8];
+        load8(a + 8 * i, x);
+        load8(b + 8 * i, y);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) x[j] += y[j];
+        store8(out + 8 * i, x);
+    }
+}
+
+// Training's attention probabilities over scores `[B, M, S]` (T) whose row
+// r of batch b reads the mask row of query column `r % T` from
+// `mask: [B, 1, T, S]` (rows laid out as (kv head, group head, t)): the
+// scale and soft cap applied to the scores as the composed ops apply them
+// (the scale in T; tanh(s / cap) in f32, written to `th` for the backward
+// when cap > 0, times cap rounded to T), the mask added in T, then a
+// softmax in f32, written in f32 (`p32`, for the backward) and in T (`p`,
+// what multiplies the values). A row the mask hides entirely gets zeros.
+// One block per row; shared memory S floats.
+template <typename T>
+__device__ void softmax_probs(const T *scores, const T *mask, float *p32, T *p, float *th,
+                              const int m_rows, const int t_len, const int s_len,
+                              const float scale, const float softcap) {
+    extern __shared__ float e[];
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;  // b * M + r
+    const int b = row / m_rows, t = (row % m_rows) % t_len;
+    const size_t base = (size_t)row * s_len;
+    const T *m = mask + ((size_t)b * t_len + t) * s_len;
+    const T scale_t = from_f<T>(scale);
+    float mx = -INFINITY;
+    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
+        T v = scores[base + c];
+        if (scale > 0.0f) v = from_f<T>(to_f(v) * to_f(scale_t));
+        if (softcap > 0.0f) {
+            const float h = tanhf(to_f(v) * (1.0f / softcap));
+            th[base + c] = h;
+            v = from_f<T>(h * softcap);
+        }
+        const float s = to_f(from_f<T>(to_f(v) + to_f(m[c])));
+        e[c] = s;
+        mx = fmaxf(mx, s);
+    }
+    mx = block_max(mx, scratch);
+    float sum = 0.0f;
+    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
+        const float x = e[c] == -INFINITY ? 0.0f : expf(e[c] - mx);
+        e[c] = x;
+        sum += x;
+    }
+    sum = block_sum(sum, scratch);
+    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
+        const float q = sum > 0.0f ? e[c] / sum : 0.0f;
+        p32[base + c] = q;
+        p[base + c] = from_f<T>(q);
+    }
+}
+
+// Its backward, from dp = g · vᵀ (T, `[rows, S]`): per row
+// ds = (dp - Σ dp·p)·p in f32, times (1 - th²) through a soft cap, rounded
+// to T, then times the scale in T (as the composed ops round). One block
+// per row.
+template <typename T>
+__device__ void softmax_probs_grad(const T *dp, const float *p32, const float *th, T *ds,
+                                   const int s_len, const float scale) {
+    __shared__ float scratch[32];
+    const size_t base = (size_t)blockIdx.x * s_len;
+    float dot = 0.0f;
+    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
+        dot += to_f(dp[base + c]) * p32[base + c];
+    }
+    dot = block_sum(dot, scratch);
+    const T scale_t = from_f<T>(scale);
+    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
+        float d = (to_f(dp[base + c]) - dot) * p32[base + c];
+        if (th != nullptr) {
+            const float h = th[base + c];
+            d *= -(h * h) + 1.0f;
+        }
+        T out = from_f<T>(d);
+        if (scale > 0.0f) out = from_f<T>(to_f(out) * to_f(scale_t));
+        ds[base + c] = out;
+    }
+}
+
+// Training: `[A, X, Y, D]` -> `[A, Y, X, D]` (axes 1 and 2 swapped: the
+// heads' transposes around attention), each row of D elements moved as
+// `d_words` 16-byte words.
+extern "C" __global__ void swap_axes12(const uint4 *src, uint4 *dst, const int x_len,
+                                       const int y_len, const int d_words, const size_t total) {
+    FOR_EACH_INDEX(i, total) {
+        const size_t w = i % d_words, r = i / d_words;  // r = (a * Y + y) * X + x
+        const size_t x = r % x_len, ay = r / x_len;
+        const size_t y = ay % y_len, a = ay / y_len;
+        dst[i] = src[((a * x_len + x) * y_len + y) * d_words + w];
+    }
+}
+
+// Training's optimizer: AdamW over many f32 tensors at once. Tensor k's
+// parameters, gradient and moments start at params[k], grads[k], ms[k] and
+// vs[k] (device addresses) and hold lens[k] elements; block (c, k) of a
+// grid (chunks, tensors) takes elements [c·ADAM_CHUNK, (c+1)·ADAM_CHUNK) of
+// tensor k.
+#define ADAM_CHUNK 2048
+
+// Stage one of the gradients' global norm: each block's Σ g², written to
+// partial[k · chunks + c] (0 past a tensor's end).
+extern "C" __global__ void adamw_sq_partial(const unsigned long long *grads,
+                                            const unsigned int *lens, float *partial) {
+    __shared__ float scratch[32];
+    const int k = blockIdx.y;
+    const float *g = reinterpret_cast<const float *>(grads[k]);
+    const size_t end = min((size_t)lens[k], (size_t)(blockIdx.x + 1) * ADAM_CHUNK);
+    float acc = 0.0f;
+    for (size_t i = (size_t)blockIdx.x * ADAM_CHUNK + threadIdx.x; i < end; i += blockDim.x) {
+        acc += g[i] * g[i];
+    }
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) partial[(size_t)k * gridDim.x + blockIdx.x] = acc;
+}
+
+// Stage two, one block: the norm (written to norm[0], the host reads it)
+// and the moments' coefficients with clipping folded in,
+// coef = [(1 - β1)·clip, (1 - β2)·clip²], clip = max_norm / (norm + 1e-6)
+// above max_norm (hyper[3]), else 1. In a fixed order: the same gradients
+// give the same norm.
+extern "C" __global__ void adamw_clip(const float *partial, const int n, const float *hyper,
+                                      float *norm, float *coef, const float one_minus_beta1,
+                                      const float one_minus_beta2) {
+    __shared__ float scratch[32];
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) acc += partial[i];
+    acc = block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        const float total = sqrtf(acc), max_norm = hyper[3];
+        const float clip = total > max_norm ? max_norm / (total + 1e-6f) : 1.0f;
+        norm[0] = total;
+        coef[0] = clip * one_minus_beta1;
+        coef[1] = (clip * clip) * one_minus_beta2;
+    }
+}
+
+// Stage three: the update, as the composed ops compute it (no fused
+// multiply-adds): m = β1·m + g·coef[0], v = β2·v + g²·coef[1],
+// p = p·decay - (m·lr_bc1) / (√(v·inv_bc2) + ε), with
+// hyper = [lr_bc1, decay, inv_bc2, max_norm].
+extern "C" __global__ void adamw_apply(const unsigned long long *params,
+                                       const unsigned long long *grads,
+                                       const unsigned long long *ms,
+                                       const unsigned long long *vs, const unsigned int *lens,
+                                       const float *hyper, const float *coef, const float beta1,
+                                       const float beta2, const float eps) {
+    const int k = blockIdx.y;
+    float *p = reinterpret_cast<float *>(params[k]);
+    const float *g = reinterpret_cast<const float *>(grads[k]);
+    float *m = reinterpret_cast<float *>(ms[k]);
+    float *v = reinterpret_cast<float *>(vs[k]);
+    const float lr_bc1 = hyper[0], decay = hyper[1], inv_bc2 = hyper[2];
+    const float c1 = coef[0], c2 = coef[1];
+    const size_t end = min((size_t)lens[k], (size_t)(blockIdx.x + 1) * ADAM_CHUNK);
+    for (size_t i = (size_t)blockIdx.x * ADAM_CHUNK + threadIdx.x; i < end; i += blockDim.x) {
+        const float gi = g[i];
+        const float mi = __fadd_rn(__fmul_rn(m[i], beta1), __fmul_rn(gi, c1));
+        const float vi = __fadd_rn(__fmul_rn(v[i], beta2), __fmul_rn(__fmul_rn(gi, gi), c2));
+        m[i] = mi;
+        v[i] = vi;
+        const float denom = __fadd_rn(__fsqrt_rn(__fmul_rn(vi, inv_bc2)), eps);
+        p[i] = __fsub_rn(__fmul_rn(p[i], decay), __fdiv_rn(__fmul_rn(mi, lr_bc1), denom));
+    }
+}
+
 // Row statistics of f32 logits `[rows, n]`, in two stages over many blocks
 // (a single block per row reads 262k columns slowly). Stage one: block
 // (chunk, row) reduces its columns to (max, first index of the max,
@@ -801,6 +1019,23 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
                                                     const float *mul, T *out, const size_t n,    \
                                                     const float scale) {                         \
         add_rounded<T>(base, delta, mul, out, n, scale);                                         \
+    }                                                                                            \
+    extern "C" __global__ void rms_norm_rows_##SUFFIX(const T *x, const T *alpha, T *y,        \
+                                                      const int n, const float eps) {            \
+        rms_norm_rows<T>(x, alpha, y, n, eps);                                                   \
+    }                                                                                            \
+    extern "C" __global__ void add8_##SUFFIX(const T *a, const T *b, T *out, const size_t n8) {  \
+        add8<T>(a, b, out, n8);                                                                  \
+    }                                                                                            \
+    extern "C" __global__ void softmax_probs_##SUFFIX(                                           \
+        const T *scores, const T *mask, float *p32, T *p, float *th, const int m_rows,           \
+        const int t_len, const int s_len, const float scale, const float softcap) {              \
+        softmax_probs<T>(scores, mask, p32, p, th, m_rows, t_len, s_len, scale, softcap);        \
+    }                                                                                            \
+    extern "C" __global__ void softmax_probs_grad_##SUFFIX(const T *dp, const float *p32,       \
+                                                           const float *th, T *ds,               \
+                                                           const int s_len, const float scale) { \
+        softmax_probs_grad<T>(dp, p32, th, ds, s_len, scale);                                    \
     }                                                                                            \
     extern "C" __global__ void rms_norm_grad_##SUFFIX(const T *x, const T *g, const T *alpha,   \
                                                       T *dx, const int n, const float eps) {     \

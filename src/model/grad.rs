@@ -155,7 +155,7 @@ impl Tape {
             for (id, ga) in entry.args.iter().zip(arg_grads) {
                 let Some(ga) = ga else { continue };
                 let sum = match grads.remove(id) {
-                    Some(held) => (held + ga)?,
+                    Some(held) => plus(&held, &ga)?,
                     None => ga,
                 };
                 grads.insert(*id, sum);
@@ -186,7 +186,7 @@ pub(crate) fn taped(
 
 /// `a + b` (same shapes), one node.
 pub(crate) fn add(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
-    let out = (a.detach() + b.detach())?;
+    let out = plus(&a.detach(), &b.detach())?;
     record("add", &[a, b], out, |g| {
         Ok([Some(g.clone()), Some(g.clone()), None])
     })
@@ -455,11 +455,44 @@ impl CustomOp3 for Node {
     }
 }
 
-/// `rms_norm(x) · alpha` over the last axis with candle's fused kernel
-/// (f32 inside whatever `x`'s dtype), `alpha` frozen.
+/// `a + b` (same shapes, contiguous as a rule) without recording
+/// anything: eight elements per thread on CUDA, candle's add elsewhere.
+fn plus(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
+    if fused::available(a.device(), a.dtype()) {
+        if let Some(sum) = fused::add(a, b)? {
+            return Ok(sum);
+        }
+    }
+    a + b
+}
+
+/// `x` viewed as `dims = [A, X, Y, D]` with axes 1 and 2 swapped,
+/// contiguous (the heads' transposes around attention): one copy kernel
+/// on CUDA, candle's strided copy elsewhere.
+fn swap12(x: &Tensor, dims: (usize, usize, usize, usize)) -> candle_core::Result<Tensor> {
+    let x = x.reshape(dims)?;
+    if fused::available(x.device(), x.dtype()) {
+        if let Some(out) = fused::swap_axes12(&x)? {
+            return Ok(out);
+        }
+    }
+    x.transpose(1, 2)?.contiguous()
+}
+
+/// `rms_norm(x) · alpha` over the last axis (f32 inside), unrecorded:
+/// candle's kernel, or on CUDA the one that gives a row more threads.
+fn norm_rows(x: &Tensor, alpha: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
+    if fused::available(x.device(), x.dtype()) {
+        return fused::rms_norm(x, alpha, eps);
+    }
+    candle_nn::ops::rms_norm(x, alpha, eps as f32)
+}
+
+/// `rms_norm(x) · alpha` over the last axis (f32 inside whatever `x`'s
+/// dtype, as candle's kernel computes it), `alpha` frozen.
 pub(crate) fn rms_norm(x: &Tensor, alpha: &Tensor, eps: f64) -> candle_core::Result<Tensor> {
     let xs = x.detach().contiguous()?;
-    let out = candle_nn::ops::rms_norm(&xs, alpha, eps as f32)?;
+    let out = norm_rows(&xs, alpha, eps)?;
     let alpha = alpha.clone();
     record("rms-norm", &[x], out, move |g| {
         Ok([Some(rms_norm_backward(&xs, g, &alpha, eps)?), None, None])
@@ -569,12 +602,10 @@ pub(crate) fn attention_block(
     let (nh, nkv, hd) = p.heads;
     let (b, t, _) = q.dims3()?;
     let rep = nh / nkv.max(1);
-    let heads_first = move |x: Tensor, n: usize| -> candle_core::Result<Tensor> {
-        // `[B, T, n, D]` -> `[B, n, T, D]`.
-        x.reshape((b, t, n, hd))?.transpose(1, 2)?.contiguous()
-    };
+    // `[B, T, n, D]` -> `[B, n, T, D]`.
+    let heads_first = move |x: Tensor, n: usize| swap12(&x, (b, t, n, hd));
     let normed = |x: &Tensor, alpha: Option<&Tensor>| match alpha {
-        Some(a) => candle_nn::ops::rms_norm(x, a, p.eps as f32),
+        Some(a) => norm_rows(x, a, p.eps),
         None => Ok(x.clone()),
     };
     let (q_in, k_in) = (
@@ -589,12 +620,7 @@ pub(crate) fn attention_block(
     let kh = heads_first(kr, nkv)?;
     let vh = heads_first(v.detach(), nkv)?;
     let probs = Probs::new(&qh, &kh, p.mask, p.scale, p.softcap)?;
-    let out = probs
-        .p
-        .matmul(&vh)?
-        .reshape((b, nh, t, hd))?
-        .transpose(1, 2)?
-        .reshape((b, t, nh * hd))?;
+    let out = swap12(&probs.p.matmul(&vh)?, (b, nh, t, hd))?.reshape((b, t, nh * hd))?;
     let (cos, sin, scale, eps) = (p.cos.clone(), p.sin.clone(), p.scale, p.eps);
     let (q_alpha, k_alpha) = (p.q_alpha.cloned(), p.k_alpha.cloned());
     record("attention-block", &[q, k, v], out, move |g| {
@@ -604,7 +630,7 @@ pub(crate) fn attention_block(
         // the rotation by the opposite angle) and the norm.
         let neg_sin = sin.neg()?;
         let back = |d: Tensor, n: usize, x: &Tensor, alpha: &Option<Tensor>| {
-            let d = d.reshape((b, n, t, hd))?.transpose(1, 2)?.contiguous()?;
+            let d = swap12(&d, (b, n, t, hd))?;
             let d = candle_nn::rotary_emb::rope_thd(&d, &cos, &neg_sin)?;
             let d = match alpha {
                 Some(a) => rms_norm_backward(x, &d, a, eps)?,
@@ -614,10 +640,7 @@ pub(crate) fn attention_block(
         };
         let dq = back(dq, nh, &q_in, &q_alpha)?;
         let dk = back(dk, nkv, &k_in, &k_alpha)?;
-        let dv = dv
-            .transpose(1, 2)?
-            .contiguous()?
-            .reshape((b, t, nkv * hd))?;
+        let dv = swap12(&dv, (b, nkv, t, hd))?.reshape((b, t, nkv * hd))?;
         Ok([Some(dq), Some(dk), Some(dv)])
     })
 }
@@ -655,6 +678,17 @@ impl Probs {
         let (b, nkv, rt, _) = q.dims4()?;
         let (_, _, t, s) = mask.dims4()?;
         let scores = q.contiguous()?.matmul(&k.t()?)?;
+        if fused::available(q.device(), q.dtype()) && mask.dtype() == q.dtype() {
+            let rows = scores.reshape((b, nkv * rt, s))?;
+            if let Some((p32, p, tanh)) = fused::softmax_probs(&rows, mask, scale, softcap)? {
+                let dims = (b, nkv, rt, s);
+                return Ok(Self {
+                    p32: p32.reshape(dims)?,
+                    p: p.reshape(dims)?,
+                    tanh: tanh.map(|t| t.reshape(dims)).transpose()?,
+                });
+            }
+        }
         let scores = match scale {
             Some(sc) => scores.affine(sc, 0.0)?,
             None => scores,
@@ -694,7 +728,12 @@ impl Probs {
     ) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
         let g = g.contiguous()?;
         let dv = self.p.t()?.matmul(&g)?;
-        let dp = g.matmul(&v.t()?)?.to_dtype(DType::F32)?;
+        let dp = g.matmul(&v.t()?)?;
+        if fused::available(dp.device(), dp.dtype()) {
+            let ds = fused::softmax_probs_grad(&dp, &self.p32, self.tanh.as_ref(), scale)?;
+            return Ok((ds.matmul(k)?, ds.t()?.matmul(q)?, dv));
+        }
+        let dp = dp.to_dtype(DType::F32)?;
         // Softmax backward: p · (dp - Σ dp·p), row by row; the mask's
         // columns get exact zeros (their p is 0).
         let p32 = &self.p32;

@@ -1048,18 +1048,24 @@ impl Decoder {
     /// hidden states `[n, hidden]`, `targets` `[n]` u32 and `weights` `[n]`
     /// f32, a scalar f32 recorded for the backward pass. The head's logits
     /// stay in the compute dtype (never the Q8_0 copy, which has no
-    /// backward) and go straight into one loss node.
+    /// backward) and go straight into one loss node. Without a final soft
+    /// cap the head and the loss are one node of candle's graph (on a
+    /// tape), so the logits' gradient, the step's largest tensor, is never
+    /// added to a zeroed buffer.
     pub fn answer_loss(
         &self,
         hidden: &Tensor,
         targets: &Tensor,
         weights: &Tensor,
     ) -> candle_core::Result<Tensor> {
+        if self.cfg.final_logit_softcapping.is_none() {
+            return grad::taped(hidden, |h| {
+                let logits = grad::frozen_matmul_t(h, self.head())?;
+                grad::weighted_nll(&logits, targets, weights)
+            });
+        }
         let logits = head_matmul(hidden, self.head())?;
-        let logits = match self.cfg.final_logit_softcapping {
-            Some(_) => self.soft_capped(logits.to_dtype(DType::F32)?)?,
-            None => logits,
-        };
+        let logits = self.soft_capped(logits.to_dtype(DType::F32)?)?;
         grad::weighted_nll(&logits, targets, weights)
     }
 

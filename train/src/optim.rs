@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
-use router::model::Replay;
+use router::model::{FusedAdamW, Replay};
 
 /// Hyper-parameters (PyTorch's defaults for the betas and epsilon).
 #[derive(Debug, Clone, Copy)]
@@ -41,7 +41,8 @@ impl Default for AdamWConfig {
 /// an update ([`AdamW::step`]) reads every value that changes from step to
 /// step (learning rate, bias corrections) from a device buffer, so that on
 /// CUDA the update is captured once as a graph and replayed
-/// ([`AdamW::set_graphs`]); both are device work only.
+/// ([`AdamW::set_graphs`]); both are device work only. On CUDA the update
+/// itself is three kernels over every variable at once ([`FusedAdamW`]).
 pub struct AdamW {
     vars: Vec<Var>,
     groups: Vec<Group>,
@@ -55,6 +56,8 @@ pub struct AdamW {
     norm: Tensor,
     /// The update as a CUDA graph, when asked for.
     replay: Option<Replay>,
+    /// The update's kernels over every variable (CUDA).
+    fused: Option<FusedAdamW>,
 }
 
 /// The variables of one shape, their gradients and moments, stacked `[n,
@@ -90,7 +93,8 @@ impl AdamW {
                     v: zeros()?,
                 })
             })
-            .collect::<Result<_>>()?;
+            .collect::<Result<Vec<Group>>>()?;
+        let fused = fused_update(&vars, &groups)?;
         Ok(Self {
             vars,
             groups,
@@ -99,6 +103,7 @@ impl AdamW {
             hyper: Tensor::zeros(4, DType::F32, &dev)?,
             norm: Tensor::zeros(1, DType::F32, &dev)?,
             replay: None,
+            fused,
         })
     }
 
@@ -181,15 +186,15 @@ impl AdamW {
         let hyper = hyper.map(|x| x as f32);
         let dev = self.hyper.device().clone();
         self.hyper.slice_set(&Tensor::new(&hyper, &dev)?, 0, 0)?;
+        let (groups, vars, fused) = (&self.groups, &self.vars, self.fused.as_ref());
+        let (hyper, norm) = (&self.hyper, &self.norm);
+        let update = || match fused {
+            Some(kernels) => kernels.apply(hyper, norm, c.beta1, c.beta2, c.eps),
+            None => apply(groups, vars, c, hyper, norm),
+        };
         match self.replay.as_mut() {
-            Some(replay) => {
-                let (groups, vars) = (&self.groups, &self.vars);
-                let (hyper, norm) = (&self.hyper, &self.norm);
-                replay.run(&dev, "the optimizer update", || {
-                    apply(groups, vars, c, hyper, norm)
-                })?
-            }
-            None => apply(&self.groups, &self.vars, c, &self.hyper, &self.norm)?,
+            Some(replay) => replay.run(&dev, "the optimizer update", update)?,
+            None => update()?,
         }
         Ok(self.norm.to_vec1::<f32>()?[0] as f64)
     }
@@ -251,6 +256,25 @@ impl AdamW {
             as usize;
         Ok(())
     }
+}
+
+/// The fused update's kernels over `vars` and their rows of the groups'
+/// stacked buffers (`None` off CUDA).
+fn fused_update(vars: &[Var], groups: &[Group]) -> Result<Option<FusedAdamW>> {
+    let mut by_var = vec![None; vars.len()];
+    for g in groups {
+        for (j, &i) in g.members.iter().enumerate() {
+            by_var[i] = Some((g.grads.get(j)?, g.m.get(j)?, g.v.get(j)?));
+        }
+    }
+    let (mut grads, mut m, mut v) = (Vec::new(), Vec::new(), Vec::new());
+    for (gi, mi, vi) in by_var.into_iter().flatten() {
+        grads.push(gi);
+        m.push(mi);
+        v.push(vi);
+    }
+    let params: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    Ok(FusedAdamW::new(&params, &grads, &m, &v)?)
 }
 
 /// The update itself, device work only: every value that changes between
