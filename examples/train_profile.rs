@@ -118,6 +118,16 @@ fn main() -> anyhow::Result<()> {
     } else {
         println!("| (not replayed: no CUDA graph on this device) | {replayed_ms:.2} | |");
     }
+    if let Some(c) = replay.capture_timing() {
+        let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+        println!(
+            "capture: {:.1} ms (eager warm-up {:.1}, recording {:.1}, instantiation and upload {:.1})",
+            ms(c.total()),
+            ms(c.warm_up),
+            ms(c.record),
+            ms(c.instantiate)
+        );
+    }
     if let Some(n) = replay.nodes()? {
         println!(
             "graph nodes: {} ({} kernels, {} copies, {} sets, {} allocations, {} frees, {} other)",

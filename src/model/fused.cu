@@ -1,4 +1,4 @@
-// Fused kernels for inference steps on CUDA (see fused.rs).
+// Fused kernels for inference and training steps on CUDA (see fused/mod.rs).
 //
 // Each kernel replaces a run of candle's kernels in a decoder step and
 // rounds where they round (every intermediate that candle writes to memory
@@ -396,29 +396,32 @@ __device__ void attention(const T *q, const T *k, const T *v, const T *mask, T *
 // `[B, M, S]`; row `r` of batch `b` takes the mask row of query column
 // `t = (r / div) % T` from `mask: [B, 1, T, S]` (div = nh for rows laid out
 // as (t, head), 1 for rows laid out as (kv head, group head, t)). One block
-// per row; shared memory S floats.
+// per row; shared memory S floats. Training also takes the probabilities in
+// f32 (`out32`, for the backward) and `tanh(s / cap)` (`th`, f32) with a cap;
+// inference passes null for both. A row the mask hides entirely gets zeros.
 template <typename T>
-__device__ void masked_softmax(const T *scores, const T *mask, T *out, const int m_rows,
-                               const int t_len, const int div, const int s_len,
-                               const float scale, const float softcap) {
+__device__ void masked_softmax(const T *scores, const T *mask, T *out, float *out32, float *th,
+                               const int m_rows, const int t_len, const int div,
+                               const int s_len, const float scale, const float softcap) {
     extern __shared__ float p[];
     __shared__ float scratch[32];
     const int row = blockIdx.x;  // b * M + r
     const int b = row / m_rows, r = row % m_rows;
     const int t = (r / div) % t_len;
-    const T *in = scores + (size_t)row * s_len;
+    const size_t base = (size_t)row * s_len;
     const T *m = mask + ((size_t)b * t_len + t) * s_len;
     const T scale_t = from_f<T>(scale);
     float mx = -INFINITY;
     for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
-        const float mv = to_f(m[c]);
-        float score = -INFINITY;
-        if (mv != -INFINITY) {
-            T v = in[c];
-            if (scale > 0.0f) v = from_f<T>(to_f(v) * to_f(scale_t));
-            if (softcap > 0.0f) v = from_f<T>(softcap * tanhf(to_f(v) * (1.0f / softcap)));
-            score = to_f(from_f<T>(to_f(v) + mv));
+        T v = scores[base + c];
+        if (scale > 0.0f) v = from_f<T>(to_f(v) * to_f(scale_t));
+        if (softcap > 0.0f) {
+            const float h = tanhf(to_f(v) * (1.0f / softcap));
+            if (th != nullptr) th[base + c] = h;
+            v = from_f<T>(h * softcap);
         }
+        const float mv = to_f(m[c]);
+        const float score = mv == -INFINITY ? -INFINITY : to_f(from_f<T>(to_f(v) + mv));
         p[c] = score;
         mx = fmaxf(mx, score);
     }
@@ -430,9 +433,10 @@ __device__ void masked_softmax(const T *scores, const T *mask, T *out, const int
         sum += e;
     }
     sum = block_sum(sum, scratch);
-    T *o = out + (size_t)row * s_len;
     for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
-        o[c] = from_f<T>(sum > 0.0f ? p[c] / sum : 0.0f);
+        const float q = sum > 0.0f ? p[c] / sum : 0.0f;
+        out[base + c] = from_f<T>(q);
+        if (out32 != nullptr) out32[base + c] = q;
     }
 }
 
@@ -553,55 +557,8 @@ __device__ void add8(const T *a, const T *b, T *out, const size_t n8) {
     }
 }
 
-// Training's attention probabilities over scores `[B, M, S]` (T) whose row
-// r of batch b reads the mask row of query column `r % T` from
-// `mask: [B, 1, T, S]` (rows laid out as (kv head, group head, t)): the
-// scale and soft cap applied to the scores as the composed ops apply them
-// (the scale in T; tanh(s / cap) in f32, written to `th` for the backward
-// when cap > 0, times cap rounded to T), the mask added in T, then a
-// softmax in f32, written in f32 (`p32`, for the backward) and in T (`p`,
-// what multiplies the values). A row the mask hides entirely gets zeros.
-// One block per row; shared memory S floats.
-template <typename T>
-__device__ void softmax_probs(const T *scores, const T *mask, float *p32, T *p, float *th,
-                              const int m_rows, const int t_len, const int s_len,
-                              const float scale, const float softcap) {
-    extern __shared__ float e[];
-    __shared__ float scratch[32];
-    const int row = blockIdx.x;  // b * M + r
-    const int b = row / m_rows, t = (row % m_rows) % t_len;
-    const size_t base = (size_t)row * s_len;
-    const T *m = mask + ((size_t)b * t_len + t) * s_len;
-    const T scale_t = from_f<T>(scale);
-    float mx = -INFINITY;
-    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
-        T v = scores[base + c];
-        if (scale > 0.0f) v = from_f<T>(to_f(v) * to_f(scale_t));
-        if (softcap > 0.0f) {
-            const float h = tanhf(to_f(v) * (1.0f / softcap));
-            th[base + c] = h;
-            v = from_f<T>(h * softcap);
-        }
-        const float s = to_f(from_f<T>(to_f(v) + to_f(m[c])));
-        e[c] = s;
-        mx = fmaxf(mx, s);
-    }
-    mx = block_max(mx, scratch);
-    float sum = 0.0f;
-    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
-        const float x = e[c] == -INFINITY ? 0.0f : expf(e[c] - mx);
-        e[c] = x;
-        sum += x;
-    }
-    sum = block_sum(sum, scratch);
-    for (int c = threadIdx.x; c < s_len; c += blockDim.x) {
-        const float q = sum > 0.0f ? e[c] / sum : 0.0f;
-        p32[base + c] = q;
-        p[base + c] = from_f<T>(q);
-    }
-}
-
-// Its backward, from dp = g · vᵀ (T, `[rows, S]`): per row
+// Training's backward of masked_softmax (its `out32` and `th`), from
+// dp = g · vᵀ (T, `[rows, S]`): per row
 // ds = (dp - Σ dp·p)·p in f32, times (1 - th²) through a soft cap, rounded
 // to T, then times the scale in T (as the composed ops round). One block
 // per row.
@@ -1011,9 +968,11 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
         attention<T>(q, k, v, mask, out, t_len, nh, nkv, s_len, d, scale, softcap);              \
     }                                                                                            \
     extern "C" __global__ void masked_softmax_##SUFFIX(                                          \
-        const T *scores, const T *mask, T *out, const int m_rows, const int t_len, const int div, \
-        const int s_len, const float scale, const float softcap) {                               \
-        masked_softmax<T>(scores, mask, out, m_rows, t_len, div, s_len, scale, softcap);         \
+        const T *scores, const T *mask, T *out, float *out32, float *th, const int m_rows,       \
+        const int t_len, const int div, const int s_len, const float scale,                      \
+        const float softcap) {                                                                   \
+        masked_softmax<T>(scores, mask, out, out32, th, m_rows, t_len, div, s_len, scale,        \
+                          softcap);                                                              \
     }                                                                                            \
     extern "C" __global__ void add_rounded_##SUFFIX(const T *base, const float *delta,          \
                                                     const float *mul, T *out, const size_t n,    \
@@ -1026,11 +985,6 @@ __device__ void skinny_gated(const T *x, const int m_rows, const int k, const T 
     }                                                                                            \
     extern "C" __global__ void add8_##SUFFIX(const T *a, const T *b, T *out, const size_t n8) {  \
         add8<T>(a, b, out, n8);                                                                  \
-    }                                                                                            \
-    extern "C" __global__ void softmax_probs_##SUFFIX(                                           \
-        const T *scores, const T *mask, float *p32, T *p, float *th, const int m_rows,           \
-        const int t_len, const int s_len, const float scale, const float softcap) {              \
-        softmax_probs<T>(scores, mask, p32, p, th, m_rows, t_len, s_len, scale, softcap);        \
     }                                                                                            \
     extern "C" __global__ void softmax_probs_grad_##SUFFIX(const T *dp, const float *p32,       \
                                                            const float *th, T *ds,               \

@@ -38,6 +38,24 @@ use super::transformer::Decoder;
 pub struct Replay {
     #[cfg(feature = "cuda")]
     graph: Graph,
+    /// Where the first run's time went, once it captured.
+    capture: Option<CaptureTiming>,
+}
+
+/// Host time of a [`Replay`]'s first run on CUDA: the eager warm-up (until
+/// its kernels finished), recording the capture, and instantiating and
+/// uploading the graph.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct CaptureTiming {
+    pub warm_up: std::time::Duration,
+    pub record: std::time::Duration,
+    pub instantiate: std::time::Duration,
+}
+
+impl CaptureTiming {
+    pub fn total(&self) -> std::time::Duration {
+        self.warm_up + self.record + self.instantiate
+    }
 }
 
 /// Capture state on CUDA.
@@ -97,7 +115,14 @@ impl Replay {
         Self {
             #[cfg(feature = "cuda")]
             graph: Graph::Pending,
+            capture: None,
         }
+    }
+
+    /// Where the capturing run's time went (`None` before a capture, and
+    /// off CUDA).
+    pub fn capture_timing(&self) -> Option<CaptureTiming> {
+        self.capture
     }
 
     /// Whether runs launch a captured graph.
@@ -144,9 +169,13 @@ impl Replay {
                 Graph::Eager => return body(),
                 Graph::Pending => {}
             }
+            let started = std::time::Instant::now();
             body()?;
-            self.graph = match capture(cuda, &body) {
-                Ok(graph) => Graph::Ready(SendGraph(graph)),
+            self.graph = match capture(cuda, &body, started) {
+                Ok((graph, timing)) => {
+                    self.capture = Some(timing);
+                    Graph::Ready(SendGraph(graph))
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "CUDA graph capture failed; {what} runs eagerly");
                     Graph::Eager
@@ -353,25 +382,40 @@ fn kernel_name(node: candle_core::cuda_backend::cudarc::driver::sys::CUgraphNode
 /// mode: other threads may use CUDA meanwhile) and instantiates it. The
 /// capture is always ended, so the stream is usable again after a failure.
 #[cfg(feature = "cuda")]
+/// Captures `body` after the work queued so far (the warm-up begun at
+/// `started`) finished.
 fn capture(
     cuda: &candle_core::CudaDevice,
     body: impl FnOnce() -> candle_core::Result<()>,
-) -> candle_core::Result<candle_core::cuda_backend::cudarc::driver::CudaGraph> {
+    started: std::time::Instant,
+) -> candle_core::Result<(
+    candle_core::cuda_backend::cudarc::driver::CudaGraph,
+    CaptureTiming,
+)> {
     use candle_core::cuda_backend::cudarc::driver::sys;
     let stream = cuda.cuda_stream();
     let driver = |what: &str, e: candle_core::cuda_backend::cudarc::driver::DriverError| {
         candle_core::Error::Msg(format!("CUDA graph {what}: {e:?}"))
     };
     stream.synchronize().map_err(|e| driver("synchronize", e))?;
+    let warm = std::time::Instant::now();
     stream
         .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
         .map_err(|e| driver("begin capture", e))?;
     let recorded = body();
+    let record = std::time::Instant::now();
+    // Ends the capture and instantiates the graph.
     let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
     recorded?;
     let graph = graph
         .map_err(|e| driver("end capture", e))?
         .ok_or_else(|| candle_core::Error::Msg("CUDA graph capture recorded nothing".into()))?;
     graph.upload().map_err(|e| driver("upload", e))?;
-    Ok(graph)
+    stream.synchronize().map_err(|e| driver("synchronize", e))?;
+    let timing = CaptureTiming {
+        warm_up: warm - started,
+        record: record - warm,
+        instantiate: record.elapsed(),
+    };
+    Ok((graph, timing))
 }

@@ -34,7 +34,7 @@ pub use cache::{dense_batch, Batch, Cache, StaticCache, StepInputs};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use family::{Activation, Family};
 pub use fused::FusedAdamW;
-pub use graph::{GraphNodes, GraphStep, Replay};
+pub use graph::{CaptureTiming, GraphNodes, GraphStep, Replay};
 pub use linear::{Linear, Lora, Mode, TrainPass};
 pub use transformer::{token_probabilities, Decoder};
 

@@ -16,7 +16,7 @@
 //! place, every per-step input in fixed device buffers: a step that can be
 //! captured as a CUDA graph and replayed).
 //!
-//! On CUDA, inference steps take the project's own kernels (`fused.rs`)
+//! On CUDA, inference steps take the project's own kernels (`fused/`)
 //! where they fit, each replacing a run of candle's
 //! ([`Decoder::set_fused_kernels`]); the composed path stays for the CPU,
 //! training and comparisons.
@@ -294,7 +294,7 @@ pub struct Decoder {
     activation: Activation,
     rotary_global: Rotary,
     rotary_local: Rotary,
-    /// Inference steps take the kernels of `fused.rs` (CUDA only; see
+    /// Inference steps take the kernels of `fused/` (CUDA only; see
     /// [`Decoder::set_fused_kernels`]).
     fused: bool,
     pub dtype: DType,
@@ -304,7 +304,7 @@ pub struct Decoder {
 impl Attention {
     /// `mask` is `[B, 1, T, S]`, one row per query column, broadcast over
     /// the heads. `fused` (inference on CUDA only) takes the kernels of
-    /// `fused.rs` from the projections to the output projection.
+    /// `fused/` from the projections to the output projection.
     #[allow(clippy::too_many_arguments)]
     fn forward(
         &self,
@@ -1191,7 +1191,7 @@ impl Decoder {
         self.head_q8.is_some() || self.linears().any(Linear::is_quantized)
     }
 
-    /// Inference steps on CUDA take the fused kernels of `fused.rs` (norms
+    /// Inference steps on CUDA take the fused kernels of `fused/` (norms
     /// with the residual add, q/k norm with rotary embedding and the cache
     /// writes, attention, the gated activation) instead of candle's
     /// composed ones when `on`; returns whether they now do (never on other

@@ -808,6 +808,13 @@ fn log_replay_timing(steps: &ReplayedSteps, update: std::time::Duration, steps_r
         inputs_ms = format!("{:.2}", ms(t.inputs, passes)),
         passes_ms = format!("{:.2}", ms(t.replay, passes)),
         update_ms = format!("{:.2}", ms(update, steps_run)),
+        captures_ms = format!(
+            "{:.0} (warm-up {:.0}, record {:.0}, instantiate {:.0})",
+            ms(t.captures.total(), 1),
+            ms(t.captures.warm_up, 1),
+            ms(t.captures.record, 1),
+            ms(t.captures.instantiate, 1)
+        ),
         largest_graph_nodes = nodes.total(),
         kernels = nodes.kernels,
         copies = nodes.copies,

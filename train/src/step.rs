@@ -16,7 +16,8 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use router::model::{
-    dense_batch, Batch, Cache, Decoder, GraphNodes, Mode, Replay, StepInputs, TrainPass,
+    dense_batch, Batch, Cache, CaptureTiming, Decoder, GraphNodes, Mode, Replay, StepInputs,
+    TrainPass,
 };
 
 use crate::optim::AdamW;
@@ -179,8 +180,12 @@ fn answer_loss(
 
 /// Step widths are rounded up to a multiple of this many columns.
 const WIDTH_STEP: usize = 32;
-/// Answer slots are rounded up to a multiple of this many.
-const ANSWER_STEP: usize = 64;
+/// Answer slots are rounded up to a multiple of this many. Padded slots
+/// cost little (a row of the head's product each, weighted 0), a new shape
+/// a capture (about 0.15 s on an H200): with 64, an epoch of the shipped
+/// recipe took 15 shapes, 8 of them for fewer than 5 steps each; with 128
+/// it takes 11 (docs/BENCHMARKS.md).
+const ANSWER_STEP: usize = 128;
 
 /// Training steps replayed from CUDA graphs, one per step shape.
 ///
@@ -216,6 +221,8 @@ pub struct PassTiming {
     pub inputs: std::time::Duration,
     /// From the launch until the loss is read back: the passes' GPU time.
     pub replay: std::time::Duration,
+    /// The runs that captured a new shape, summed.
+    pub captures: CaptureTiming,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -303,6 +310,7 @@ impl ReplayedSteps {
             accumulate,
         };
         let dev = dec.device.clone();
+        tracing::trace!(?shape, "training step shape");
         if !self.shapes.contains_key(&shape) {
             tracing::debug!(?shape, "new training step shape");
             let step = ShapeStep::new(dec, self.rows, shape)?;
@@ -368,6 +376,12 @@ impl ReplayedSteps {
             self.timing.inputs += launched - started;
             self.timing.replay += launched.elapsed();
         } else {
+            if let Some(c) = replay.capture_timing() {
+                let sum = &mut self.timing.captures;
+                sum.warm_up += c.warm_up;
+                sum.record += c.record;
+                sum.instantiate += c.instantiate;
+            }
             // Diagnostics only: a failed count never stops training.
             match replay.nodes() {
                 Ok(Some(nodes)) => {
