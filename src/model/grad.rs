@@ -557,7 +557,8 @@ pub(crate) fn attention(
 ) -> candle_core::Result<Tensor> {
     let qs = q.detach().contiguous()?;
     let (ks, vs) = (k.detach().contiguous()?, v.detach().contiguous()?);
-    let probs = Probs::new(&qs, &ks, mask, scale, softcap)?;
+    let kernels = fused::available(q.device(), q.dtype());
+    let probs = Probs::new(&qs, &ks, mask, scale, softcap, kernels)?;
     let out = probs.p.matmul(&vs)?;
     record("attention", &[q, k, v], out, move |g| {
         let (dq, dk, dv) = probs.backward(&qs, &ks, &vs, g, scale)?;
@@ -619,7 +620,8 @@ pub(crate) fn attention_block(
     let qh = heads_first(qr, nh)?.reshape((b, nkv, rep * t, hd))?;
     let kh = heads_first(kr, nkv)?;
     let vh = heads_first(v.detach(), nkv)?;
-    let probs = Probs::new(&qh, &kh, p.mask, p.scale, p.softcap)?;
+    let kernels = fused::available(q.device(), q.dtype());
+    let probs = Probs::new(&qh, &kh, p.mask, p.scale, p.softcap, kernels)?;
     let out = swap12(&probs.p.matmul(&vh)?, (b, nh, t, hd))?.reshape((b, t, nh * hd))?;
     let (cos, sin, scale, eps) = (p.cos.clone(), p.sin.clone(), p.scale, p.eps);
     let (q_alpha, k_alpha) = (p.q_alpha.cloned(), p.k_alpha.cloned());
@@ -646,7 +648,9 @@ pub(crate) fn attention_block(
 }
 
 /// Attention probabilities, `[B, nkv, R·T, S]`, as [`attention`] computes
-/// them, in `q`'s dtype (what inference multiplies by the values).
+/// them, in `q`'s dtype (what inference multiplies by the values), from
+/// candle's ops: inference's path without the fused kernels (with them it
+/// takes `fused::masked_softmax`), the reference its tests compare with.
 pub(crate) fn attention_probs(
     q: &Tensor,
     k: &Tensor,
@@ -654,7 +658,7 @@ pub(crate) fn attention_probs(
     scale: Option<f64>,
     softcap: Option<f64>,
 ) -> candle_core::Result<Tensor> {
-    Ok(Probs::new(q, k, mask, scale, softcap)?.p)
+    Ok(Probs::new(q, k, mask, scale, softcap, false)?.p)
 }
 
 /// What the attention backward keeps of the forward.
@@ -668,17 +672,20 @@ struct Probs {
 }
 
 impl Probs {
+    /// The probabilities of `q kᵀ` under the scale, cap and mask; with
+    /// `kernels` (training on CUDA) from one kernel, else from candle's ops.
     fn new(
         q: &Tensor,
         k: &Tensor,
         mask: &Tensor,
         scale: Option<f64>,
         softcap: Option<f64>,
+        kernels: bool,
     ) -> candle_core::Result<Self> {
         let (b, nkv, rt, _) = q.dims4()?;
         let (_, _, t, s) = mask.dims4()?;
         let scores = q.contiguous()?.matmul(&k.t()?)?;
-        if fused::available(q.device(), q.dtype()) && mask.dtype() == q.dtype() {
+        if kernels && mask.dtype() == q.dtype() {
             let rows = scores.reshape((b, nkv * rt, s))?;
             if let Some((p32, p, tanh)) = fused::softmax_probs(&rows, mask, scale, softcap)? {
                 let dims = (b, nkv, rt, s);
