@@ -117,6 +117,19 @@ __device__ __forceinline__ void warp_argmax(float &best, int &arg) {
     }
 }
 
+// (mean(x²) + eps)^-½ over a row of n elements, returned to every thread
+// of the block (every thread must call it).
+template <typename T>
+__device__ float rms_scale(const T *x, const int n, const float eps, float *scratch) {
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const float v = to_f(x[i]);
+        acc += v * v;
+    }
+    acc = block_sum(acc, scratch);
+    return rsqrtf(acc / n + eps);
+}
+
 // h = residual + norm_post(x) (or residual + x without `a_post`), then
 // y = norm_next(h); one block per row of `n` features. Both outputs are
 // written: h is the next residual, y the next block's input.
@@ -130,16 +143,7 @@ __device__ void add_rms_norm(const T *x, const T *residual, const T *a_post, con
     residual += row * n;
     h_out += row * n;
     y_out += row * n;
-    float scale = 1.0f;
-    if (a_post != nullptr) {
-        float acc = 0.0f;
-        for (int i = threadIdx.x; i < n; i += blockDim.x) {
-            const float v = to_f(x[i]);
-            acc += v * v;
-        }
-        acc = block_sum(acc, scratch);
-        scale = rsqrtf(acc / n + eps_post);
-    }
+    const float scale = a_post != nullptr ? rms_scale(x, n, eps_post, scratch) : 1.0f;
     float acc = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         const T xn = a_post != nullptr ? from_f<T>(scale * to_f(x[i]) * to_f(a_post[i])) : x[i];
@@ -510,13 +514,7 @@ __device__ void rms_norm_rows(const T *x, const T *alpha, T *y, const int n, con
     const size_t row = blockIdx.x;
     x += row * n;
     y += row * n;
-    float sq = 0.0f;
-    for (int i = threadIdx.x; i < n; i += blockDim.x) {
-        const float v = to_f(x[i]);
-        sq += v * v;
-    }
-    sq = block_sum(sq, scratch);
-    const float r = rsqrtf(sq / n + eps);
+    const float r = rms_scale(x, n, eps, scratch);
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
         y[i] = from_f<T>(r * to_f(x[i]) * to_f(alpha[i]));
     }

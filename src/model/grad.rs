@@ -117,9 +117,7 @@ impl Tape {
     }
 
     fn lock(&self) -> candle_core::Result<std::sync::MutexGuard<'_, Vec<TapeEntry>>> {
-        self.entries
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("a gradient tape was poisoned".into()))
+        locked(&self.entries, "a gradient tape")
     }
 
     fn push(
@@ -163,6 +161,17 @@ impl Tape {
         }
         Ok(grads.remove(&input))
     }
+}
+
+/// `mutex` locked, or an error naming `what` when a thread panicked while
+/// holding it.
+fn locked<'a, T>(
+    mutex: &'a std::sync::Mutex<T>,
+    what: &str,
+) -> candle_core::Result<std::sync::MutexGuard<'a, T>> {
+    mutex
+        .lock()
+        .map_err(|_| candle_core::Error::Msg(format!("{what} was poisoned")))
 }
 
 /// `f(x)` with every node `f` records kept on its own [`Tape`], recorded
@@ -297,10 +306,7 @@ impl GradSink {
     /// Adds `grad` to the gradient held for `var` (a training variable's
     /// tensor), or holds it.
     fn put(&self, var: &Tensor, grad: Tensor) -> candle_core::Result<()> {
-        let mut grads = self
-            .grads
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("a gradient sink was poisoned".into()))?;
+        let mut grads = locked(&self.grads, "a gradient sink")?;
         match grads.iter_mut().find(|(v, _)| v.id() == var.id()) {
             Some((_, held)) => *held = (&*held + grad)?,
             None => grads.push((var.clone(), grad)),
@@ -314,12 +320,7 @@ impl GradSink {
         &self,
         store: &mut candle_core::backprop::GradStore,
     ) -> candle_core::Result<()> {
-        let held = std::mem::take(
-            &mut *self
-                .grads
-                .lock()
-                .map_err(|_| candle_core::Error::Msg("a gradient sink was poisoned".into()))?,
-        );
+        let held = std::mem::take(&mut *locked(&self.grads, "a gradient sink")?);
         for (var, grad) in held {
             let grad = match store.remove(&var) {
                 Some(other) => (other + grad)?,

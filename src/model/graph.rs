@@ -58,6 +58,14 @@ impl CaptureTiming {
     }
 }
 
+impl std::ops::AddAssign for CaptureTiming {
+    fn add_assign(&mut self, other: Self) {
+        self.warm_up += other.warm_up;
+        self.record += other.record;
+        self.instantiate += other.instantiate;
+    }
+}
+
 /// Capture state on CUDA.
 #[cfg(feature = "cuda")]
 enum Graph {
@@ -379,11 +387,10 @@ fn kernel_name(node: candle_core::cuda_backend::cudarc::driver::sys::CUgraphNode
 }
 
 /// Records what `body` queues on the device's stream as a graph (relaxed
-/// mode: other threads may use CUDA meanwhile) and instantiates it. The
+/// mode: other threads may use CUDA meanwhile) once the work queued so far
+/// (the warm-up begun at `started`) finished, and instantiates it. The
 /// capture is always ended, so the stream is usable again after a failure.
 #[cfg(feature = "cuda")]
-/// Captures `body` after the work queued so far (the warm-up begun at
-/// `started`) finished.
 fn capture(
     cuda: &candle_core::CudaDevice,
     body: impl FnOnce() -> candle_core::Result<()>,

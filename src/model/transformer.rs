@@ -962,6 +962,19 @@ impl Decoder {
             (true, Some(m)) => m,
             _ => masks.global,
         };
+        // A layer up to its MLP, from its normed input `x` and the residual
+        // `h`: the residual after attention and the MLP's output (before the
+        // MLP's output norm and the residual add that end the layer).
+        let attention_and_mlp = |layer: &Layer, x: &Tensor, h: &Tensor, slot, fused| {
+            let (rope, mask) = (layer_rope(layer), layer_mask(layer));
+            let a = layer
+                .attn
+                .forward(x, &self.cfg, &rope, mask, slot, mode, fused)?;
+            let post = layer.attn_out_norm.as_ref();
+            let (h_mid, xm) = residual_norm(&a, h, post, &layer.mlp_norm, mode, fused)?;
+            let m = layer.mlp.forward(&xm, self.activation, mode, fused)?;
+            candle_core::Result::Ok((h_mid, m))
+        };
         let mut kv = kv.into_iter().peekable();
         if let (Mode::Train(_), Some(Kv::None)) = (mode, kv.peek()) {
             // A training pass over its own columns: each layer is one node
@@ -970,16 +983,9 @@ impl Decoder {
             // argument per layer. The same blocks as below, each layer's
             // input norm inside it.
             for layer in &self.layers {
-                let (rope, mask) = (layer_rope(layer), layer_mask(layer));
                 h = grad::taped(&h, |h| {
                     let x = layer.attn_norm.forward(h, mode)?;
-                    let a =
-                        layer
-                            .attn
-                            .forward(&x, &self.cfg, &rope, mask, Kv::None, mode, false)?;
-                    let post = layer.attn_out_norm.as_ref();
-                    let (h_mid, xm) = residual_norm(&a, h, post, &layer.mlp_norm, mode, false)?;
-                    let m = layer.mlp.forward(&xm, self.activation, mode, false)?;
+                    let (h_mid, m) = attention_and_mlp(layer, &x, h, Kv::None, false)?;
                     let m = match &layer.mlp_out_norm {
                         Some(n) => n.forward(&m, mode)?,
                         None => m,
@@ -996,22 +1002,10 @@ impl Decoder {
         // residual add together with the norm that follows it.
         let mut x = first.attn_norm.forward(&h, mode)?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let (rope, mask) = (layer_rope(layer), layer_mask(layer));
             let Some(slot) = kv.next() else {
                 candle_core::bail!("no key/value slot for layer {i}");
             };
-            let a = layer
-                .attn
-                .forward(&x, &self.cfg, &rope, mask, slot, mode, fused)?;
-            let (h_mid, xm) = residual_norm(
-                &a,
-                &h,
-                layer.attn_out_norm.as_ref(),
-                &layer.mlp_norm,
-                mode,
-                fused,
-            )?;
-            let m = layer.mlp.forward(&xm, self.activation, mode, fused)?;
+            let (h_mid, m) = attention_and_mlp(layer, &x, &h, slot, fused)?;
             let next = self.layers.get(i + 1).map_or(&self.norm, |l| &l.attn_norm);
             (h, x) = residual_norm(&m, &h_mid, layer.mlp_out_norm.as_ref(), next, mode, fused)?;
         }

@@ -377,10 +377,7 @@ impl ReplayedSteps {
             self.timing.replay += launched.elapsed();
         } else {
             if let Some(c) = replay.capture_timing() {
-                let sum = &mut self.timing.captures;
-                sum.warm_up += c.warm_up;
-                sum.record += c.record;
-                sum.instantiate += c.instantiate;
+                self.timing.captures += c;
             }
             // Diagnostics only: a failed count never stops training.
             match replay.nodes() {

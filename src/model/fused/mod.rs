@@ -355,7 +355,6 @@ pub(crate) fn swap_axes12(x: &Tensor) -> candle_core::Result<Option<Tensor>> {
 /// a copy per variable): the gradients' global norm, the clipping factor,
 /// then AdamW with decoupled weight decay over every parameter in place.
 pub struct FusedAdamW {
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     inner: imp::AdamWTable,
 }
 
@@ -378,7 +377,6 @@ impl FusedAdamW {
     /// One update: `hyper` is `[lr / bc1, 1 - lr · weight_decay, 1 / bc2,
     /// max_norm]` (f32, read on the device), the gradients' norm before
     /// clipping goes to `norm` (`[1]` f32). Device work only.
-    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn apply(
         &self,
         hyper: &Tensor,
@@ -387,16 +385,8 @@ impl FusedAdamW {
         beta2: f64,
         eps: f64,
     ) -> candle_core::Result<()> {
-        #[cfg(feature = "cuda")]
-        return self.inner.apply(hyper, norm, beta1, beta2, eps);
-        #[cfg(not(feature = "cuda"))]
-        unavailable()
+        self.inner.apply(hyper, norm, beta1, beta2, eps)
     }
-}
-
-#[cfg(not(feature = "cuda"))]
-fn unavailable<T>() -> candle_core::Result<T> {
-    candle_core::bail!("the fused kernels need a build with the `cuda` feature")
 }
 
 #[cfg(feature = "cuda")]

@@ -3,6 +3,11 @@
 
 use super::*;
 
+fn unavailable<T>() -> candle_core::Result<T> {
+    candle_core::bail!("the fused kernels need a build with the `cuda` feature")
+}
+
+/// Never built: [`AdamWTable::new`] answers `None` without CUDA.
 pub(crate) struct AdamWTable;
 
 impl AdamWTable {
@@ -13,6 +18,17 @@ impl AdamWTable {
         _: &[Tensor],
     ) -> candle_core::Result<Option<Self>> {
         Ok(None)
+    }
+
+    pub(super) fn apply(
+        &self,
+        _: &Tensor,
+        _: &Tensor,
+        _: f64,
+        _: f64,
+        _: f64,
+    ) -> candle_core::Result<()> {
+        unavailable()
     }
 }
 
